@@ -1,0 +1,4 @@
+"""Data: registry, streaming readers, formats, chat templates, pure preprocessing.
+
+Nothing in this package (except collate) imports torch or model code.
+"""
