@@ -1,0 +1,45 @@
+"""Rendered text -> token ids, each token tagged with the span its first character falls in.
+
+The whole text is tokenized once, as ``apply_chat_template`` does (``add_special_tokens=False``: the
+template's text already holds BOS and the turn tokens), so the ids are exactly the official ones. Token
+offsets then place every token in a span; nothing searches the text for marker strings. A token that
+straddles two spans belongs to the one its first character is in (sentencepiece merges the space before
+an answer into the answer's first word, which is why templates put that space in the answer's body).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import Any
+
+from tunesmith.data.types import Encoded, Rendered
+from tunesmith.errors import TunesmithError
+
+
+def encode(tokenizer: Any, rendered: Rendered) -> Encoded:
+    """Token ids of ``rendered.text`` and, per token, the index of its span in ``rendered.spans``."""
+    return encode_batch(tokenizer, [rendered])[0]
+
+
+def encode_batch(tokenizer: Any, rendered: Sequence[Rendered]) -> list[Encoded]:
+    """``encode`` for many texts with ONE call of the (fast, Rust) tokenizer."""
+    if not rendered:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise TunesmithError(
+            f"{type(tokenizer).__name__} is a slow (Python) tokenizer; token offsets need a fast one. Load the "
+            "model's tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True)) or convert it"
+        )
+    batch = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        _tag(r, ids, offsets)
+        for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"])
+    ]
+
+
+def _tag(rendered: Rendered, ids: list[int], offsets: Sequence[tuple[int, int]]) -> Encoded:
+    starts = [s.start for s in rendered.spans]
+    last = len(starts) - 1
+    token_span = [min(max(bisect_right(starts, start) - 1, 0), last) for start, _ in offsets]
+    return Encoded(input_ids=list(ids), token_span=token_span, spans=rendered.spans)

@@ -1,0 +1,62 @@
+"""Tokenized datasets on disk: Arrow part files written by workers, read back memory-mapped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+INT_COLUMNS = ("input_ids", "labels", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
+               "rejected_labels", "position_ids")
+
+
+def write_part(path: Path, columns: dict[str, list[Any]]) -> int:
+    """Write one part file; token columns become list<int32> so they map with no copy."""
+    arrays, names = [], []
+    for name, values in columns.items():
+        if name in INT_COLUMNS:
+            arrays.append(pa.array(values, pa.list_(pa.int32())))
+        elif name == "weights":
+            arrays.append(pa.array(values, pa.list_(pa.float32())))
+        else:
+            arrays.append(pa.array(values))
+        names.append(name)
+    table = pa.table(arrays, names=names)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return table.num_rows
+
+
+class TokenDataset:
+    """A map-style dataset over tokenized part files (torch-free; the collator makes tensors)."""
+
+    def __init__(self, parts: list[Path]) -> None:
+        tables = [pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all() for p in parts]
+        tables = [t for t in tables if t.num_rows]
+        self.table = pa.concat_tables(tables) if tables else pa.table({})
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.table.column_names
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        return {name: self.table.column(name)[i].as_py() for name in self.table.column_names}
+
+    def lengths(self, column: str = "input_ids") -> np.ndarray:
+        """Token length of every row (for packing, length grouping and statistics)."""
+        if column not in self.table.column_names:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.asarray(pc.list_value_length(self.table.column(column)).to_numpy(zero_copy_only=False),
+                          dtype=np.int64)
+
+    def num_tokens(self, column: str = "input_ids") -> int:
+        return int(self.lengths(column).sum())

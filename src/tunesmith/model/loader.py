@@ -1,0 +1,230 @@
+"""Load a tokenizer and a causal LM for training: dtype, attention kernel, checkpointing, quantization, vocab.
+
+Every automatic choice is resolved here once and returned in `LoadedModel`, so a stage can log and act on
+it (for example: enable loss scaling when fp16 was chosen).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+logger = logging.getLogger(__name__)
+
+AttnChoice = Literal["auto", "sdpa", "eager", "fa2", "disabled"]
+# "disabled" is LLaMA-Factory's spelling of eager attention.
+_ATTN_NAMES = {"sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+QLORA_FIX = "QLoRA needs a CUDA GPU and bitsandbytes: pip install 'tunesmith[bnb]'"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for `apply_tuning`, with every choice the loader made."""
+
+    model: Any  # transformers.PreTrainedModel
+    dtype: torch.dtype
+    attn_implementation: str
+    # fp16 weights/compute: the trainer must use a loss scaler (HF Trainer: fp16=True).
+    fp16_loss_scaling: bool
+    gradient_checkpointing: bool
+    quantization_bit: int | None
+    embeddings_resized: bool
+    # Short module names (e.g. "embed_tokens", "lm_head") that must be trained and saved with an adapter
+    # because the vocabulary gained tokens; empty when it did not.
+    train_embedding_modules: tuple[str, ...]
+
+
+def load_tokenizer(
+    path: str | Path, *, trust_remote_code: bool = False, new_special_tokens: Sequence[str] = ()
+) -> Any:
+    """Load a tokenizer for training: right padding, a pad token, and any new special tokens added."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TunesmithError(
+            f"cannot load a tokenizer from {str(path)!r}: {e}. Fix: model_name_or_path must be a folder with "
+            "tokenizer files (tokenizer.json or a slow tokenizer's vocab) or a cached hub id"
+        ) from e
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise TunesmithError(
+                f"tokenizer {str(path)!r} has no pad, eos or unk token to pad with. "
+                "Fix: add a pad token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = fallback
+        logger.info("tokenizer has no pad token: padding with %r", fallback)
+    new = [t for t in new_special_tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+        logger.info("added %d new special token(s): %s", len(new), ", ".join(new))
+    return tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype, *, cuda: bool) -> torch.dtype:
+    """`auto` -> bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU; names map to torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype == "auto":
+        if not cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    elif dtype in _DTYPE_NAMES:
+        chosen = _DTYPE_NAMES[dtype]
+    else:
+        raise TunesmithError(
+            f"dtype: unknown value {dtype!r}; allowed: auto, {', '.join(_DTYPE_NAMES)}. Fix: use dtype: auto"
+        )
+    if chosen == torch.bfloat16 and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise TunesmithError(
+            f"dtype: bf16 was asked for but {torch.cuda.get_device_name()} has no bf16 support. "
+            "Fix: use fp16 (with loss scaling) or dtype: auto"
+        )
+    return chosen
+
+
+def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
+    """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision), else sdpa."""
+    from transformers.utils import is_flash_attn_2_available
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    if attn == "auto":
+        return "flash_attention_2" if cuda and half and is_flash_attn_2_available() else "sdpa"
+    if attn not in _ATTN_NAMES:
+        raise TunesmithError(
+            f"flash_attn: unknown value {attn!r}; allowed: auto, {', '.join(_ATTN_NAMES)}. Fix: use auto"
+        )
+    if attn == "fa2" and not (cuda and half and is_flash_attn_2_available()):
+        raise TunesmithError(
+            "flash_attn: fa2 needs a CUDA GPU, bf16/fp16 and the flash-attn package "
+            f"(cuda={cuda}, dtype={dtype}). Fix: pip install flash-attn, or use flash_attn: sdpa"
+        )
+    return _ATTN_NAMES[attn]
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype, *, cuda: bool) -> Any:
+    """A BitsAndBytesConfig for 4-bit NF4 (double quant) or 8-bit loading; clear error without CUDA/bnb."""
+    if bits not in (4, 8):
+        raise TunesmithError(
+            f"quantization_bit: got {bits!r}; allowed: 4, 8. Fix: use 4 (QLoRA) or remove it"
+        )
+    if not cuda or importlib.util.find_spec("bitsandbytes") is None:
+        where = "no CUDA GPU is visible" if not cuda else "bitsandbytes is not installed"
+        raise TunesmithError(f"quantization_bit: {bits}: {where}. {QLORA_FIX}")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    attn: str = "auto",
+    gradient_checkpointing: bool | None = None,
+    trust_remote_code: bool = False,
+    quantization_bit: int | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    resize_vocab: bool = False,
+) -> LoadedModel:
+    """Load a causal LM for training, resolving every `auto` choice (see `LoadedModel`).
+
+    tokenizer: when it has more tokens than the model has embedding rows, the embeddings grow (new rows
+    from the old rows' mean and covariance, transformers' `mean_resizing`) to a multiple of 64.
+    resize_vocab: the tokenizer gained tokens (LLaMA-Factory's key; set it whenever new_special_tokens
+    were added), so the embeddings and head must be trained even when no rows had to be added.
+    gradient_checkpointing: None means on with a GPU, off on CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    chosen_dtype = resolve_dtype(dtype, cuda=cuda)
+    kwargs: dict[str, Any] = {"dtype": chosen_dtype, "trust_remote_code": trust_remote_code}
+    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype)
+    # For auto without flash-attn, transformers picks sdpa where the model supports it, else eager.
+    if attn != "auto" or chosen_attn == "flash_attention_2":
+        kwargs["attn_implementation"] = chosen_attn
+    if quantization_bit is not None:
+        kwargs["quantization_config"] = quantization_config(quantization_bit, chosen_dtype, cuda=cuda)
+        # bitsandbytes weights are placed at load time; one process holds one whole model.
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as e:
+        raise TunesmithError(
+            f"cannot load a model from {str(path)!r}: {e}. Fix: model_name_or_path must be a folder with "
+            "config.json and weights, or a hub id already in the local cache"
+        ) from e
+
+    resized = tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if resized:
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        logger.info(
+            "resized embeddings from %d to %d rows", old_rows, model.get_input_embeddings().weight.shape[0]
+        )
+    train_embeddings = embedding_module_names(model) if (resized or resize_vocab) else ()
+
+    checkpointing = cuda if gradient_checkpointing is None else gradient_checkpointing
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    return LoadedModel(
+        model=model,
+        dtype=chosen_dtype,
+        attn_implementation=model.config._attn_implementation,
+        fp16_loss_scaling=chosen_dtype == torch.float16,
+        gradient_checkpointing=checkpointing,
+        quantization_bit=quantization_bit,
+        embeddings_resized=resized,
+        train_embedding_modules=train_embeddings,
+    )
+
+
+def embedding_module_names(model: Any) -> tuple[str, ...]:
+    """Short names of the input embedding and output head modules, e.g. ("embed_tokens", "lm_head")."""
+    targets = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if any(m is t for t in targets)}
+    return tuple(sorted(names))
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Turn on activation checkpointing (non-reentrant, so frozen inputs need no hooks) and the KV cache off."""
+    kwargs = {"use_reentrant": False}
+    # transformers renamed the method; the old name warns (and goes in v6).
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # The cache is useless while training and conflicts with recomputation.
+    model.config.use_cache = False

@@ -1,0 +1,57 @@
+"""The callbacks every tunesmith training stage passes to its HF ``Trainer``.
+
+Usage in a stage::
+
+    cbs = training_callbacks(plot_loss=cfg.plot_loss, total_tokens=tokens_per_epoch * epochs)
+    trainer = StageTrainer(..., callbacks=cbs.as_list())
+    # in StageTrainer.training_step, after super().training_step(...):
+    #     cbs.log.add_tokens(count_trained_tokens(inputs["labels"]))
+    #     cbs.watchdog.check(self.state.global_step + 1, loss, inputs)
+
+Each piece lives in its own module: ``train_log`` (progress line, trainer_log.jsonl), ``watchdog``
+(NaN/inf/zero loss diagnosis), ``plotting`` (loss PNGs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+from tunesmith.plotting import PlotLossCallback, plot_losses
+from tunesmith.train_log import TrainLogCallback, count_trained_tokens
+from tunesmith.watchdog import LossWatchdog
+
+__all__ = [
+    "LossWatchdog",
+    "PlotLossCallback",
+    "TrainCallbacks",
+    "TrainLogCallback",
+    "count_trained_tokens",
+    "plot_losses",
+    "training_callbacks",
+]
+
+
+@dataclass(frozen=True)
+class TrainCallbacks:
+    """Handles the trainer needs (``log.add_tokens``, ``watchdog.check``) plus the optional plotter."""
+
+    log: TrainLogCallback
+    watchdog: LossWatchdog
+    plot: PlotLossCallback | None
+
+    def as_list(self) -> list[TrainerCallback]:
+        """For ``Trainer(callbacks=...)``."""
+        return [cb for cb in (self.log, self.watchdog, self.plot) if cb is not None]
+
+
+def training_callbacks(
+    plot_loss: bool = True, total_tokens: int | None = None, zero_loss_patience: int = 3
+) -> TrainCallbacks:
+    """Build the standard callbacks; ``total_tokens`` (trained tokens of the whole run) enables a token ETA."""
+    return TrainCallbacks(
+        log=TrainLogCallback(total_tokens=total_tokens),
+        watchdog=LossWatchdog(zero_patience=zero_loss_patience),
+        plot=PlotLossCallback() if plot_loss else None,
+    )

@@ -1,0 +1,144 @@
+"""Loss watchdog: stop a run whose loss is NaN/inf, or exactly 0.0 for several steps, and say why.
+
+A callback never sees the batch, so the trainer calls ``check`` from its ``training_step``::
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.watchdog.check(self.state.global_step + 1, loss, inputs)
+        return loss
+
+``check`` reads the loss (``.item()``: one device sync per micro-batch). As a callback it also watches
+the logged loss, for trainers that do not call ``check``; that diagnosis has no batch to save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tunesmith.errors import TunesmithError
+
+logger = logging.getLogger("tunesmith.train")
+
+IGNORE_INDEX = -100
+
+
+def batch_summary(batch: Mapping[str, Any]) -> str:
+    """Shape and supervised-token count of a batch, for the diagnosis."""
+    ids, labels = batch.get("input_ids"), batch.get("labels")
+    parts = []
+    if isinstance(ids, torch.Tensor):
+        parts.append(f"{ids.shape[0]} sequence(s) x {ids.shape[-1]} tokens")
+    if isinstance(labels, torch.Tensor):
+        parts.append(f"{int((labels != IGNORE_INDEX).sum())} supervised token(s) (labels != -100)")
+    return ", ".join(parts) or f"keys {sorted(batch)}"
+
+
+def diagnose(
+    what: str, step: int, *, nonfinite: bool, fp16: bool, lr: float, batch_file: Path | None = None,
+    batch: Mapping[str, Any] | None = None,
+) -> str:  # fmt: skip
+    """The message of the error that stops the run: what happened, where the batch is, likely causes."""
+    lines = [f"training stopped by the loss watchdog at step {step}: {what}."]
+    if batch_file is not None and batch is not None:
+        lines.append(f"The batch of that step ({batch_summary(batch)}) is saved to {batch_file}")
+        lines.append("  (batch = torch.load(path); model(**batch) reproduces the forward pass).")
+    else:
+        lines.append("No batch was saved: this trainer does not call LossWatchdog.check(step, loss, batch).")
+    masked = batch is not None and isinstance(batch.get("labels"), torch.Tensor)
+    masked = masked and not bool((batch["labels"] != IGNORE_INDEX).any())
+    lines.append("Likely causes:")
+    if masked:
+        lines.append("  - every label of this batch is masked (-100): there is nothing to learn from it.")
+    if nonfinite:
+        if fp16:
+            lines.append(
+                "  - fp16 overflow: values exceeded fp16's range. Fix: bf16: true, or a lower learning_rate."
+            )
+        lines.append(f"  - learning rate too high (learning_rate {lr:g}): the loss diverged. "
+                     "Fix: lower it (e.g. 10x) or add warmup_ratio.")  # fmt: skip
+        lines.append("  - samples with every label masked give 0/0 = nan.")
+    else:
+        lines.append(
+            "  - samples with every label masked (wrong template/masking, or cutoff_len cuts the answer)."
+        )
+        lines.append("  - a loss weight of 0 on every supervised turn.")
+        if fp16:
+            lines.append("  - fp16 underflow of a tiny loss. Fix: bf16: true.")
+    lines.append("Run `tunesmith check <config>` to find samples with no supervised tokens.")
+    return "\n".join(lines)
+
+
+class LossWatchdog(TrainerCallback):
+    """Raises TunesmithError when the loss is NaN/inf, or exactly 0.0 for ``zero_patience`` consecutive steps.
+
+    The batch file goes to ``args.output_dir/watchdog_batch_step{N}.pt`` (``_rank{R}`` added when distributed).
+    """
+
+    def __init__(self, zero_patience: int = 3) -> None:
+        if zero_patience < 1:
+            raise ValueError(f"zero_patience must be >= 1, got {zero_patience}")
+        self.output_dir = Path(".")  # args.output_dir from train begin
+        self.zero_patience = zero_patience
+        self.fp16 = False
+        self.lr = 0.0
+        self.rank, self.world_size = 0, 1
+        self._zero_steps: set[int] = set()  # consecutive steps whose every checked loss was exactly 0.0
+        self._zero_logs = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.output_dir = Path(args.output_dir)
+        self.fp16, self.lr = bool(args.fp16), float(args.learning_rate)
+        self.rank, self.world_size = args.process_index, args.world_size
+
+    def check(self, step: int, loss: torch.Tensor | float, batch: Mapping[str, Any]) -> None:
+        """Inspect one micro-batch's loss; on a bad loss save the batch and raise TunesmithError."""
+        value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            self._trip(f"loss is {value}", step, batch, nonfinite=True)
+        if value != 0.0:
+            self._zero_steps.clear()
+            return
+        self._zero_steps.add(step)
+        if len(self._zero_steps) >= self.zero_patience:
+            steps = sorted(self._zero_steps)
+            what = f"loss is exactly 0.0 for {len(steps)} consecutive steps ({steps[0]}-{steps[-1]})"
+            self._trip(what, step, batch, nonfinite=False)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
+    ):
+        if not logs or "learning_rate" not in logs:  # only training-step logs carry a learning rate
+            return
+        self.lr = float(logs["learning_rate"])
+        loss = logs.get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            self._trip(f"logged loss is {loss}", state.global_step, None, nonfinite=True)
+        self._zero_logs = self._zero_logs + 1 if loss == 0.0 else 0
+        if self._zero_logs >= self.zero_patience:
+            what = f"logged loss is exactly 0.0 for {self._zero_logs} consecutive logs"
+            self._trip(what, state.global_step, None, nonfinite=False)
+
+    def _trip(self, what: str, step: int, batch: Mapping[str, Any] | None, nonfinite: bool) -> None:
+        batch_file = None
+        if batch is not None:
+            suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
+            batch_file = self.output_dir / f"watchdog_batch_step{step}{suffix}.pt"
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                batch_file,
+            )
+        message = diagnose(
+            what, step, nonfinite=nonfinite, fp16=self.fp16, lr=self.lr, batch_file=batch_file, batch=batch
+        )
+        logger.error(message)
+        raise TunesmithError(message)
