@@ -31,6 +31,12 @@ class ModelArgs:
     quantization_method: Literal["bnb"] = opt("bnb", "Quantization backend for quantization_bit.")
     quantization_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (bitsandbytes).")
     double_quantization: bool = opt(True, "Also quantize the quantization constants (4-bit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "auto", "Training dtype when neither bf16 nor fp16 is set: auto = bf16 on capable GPUs, fp16, fp32 on CPU."
+    )
+    new_special_tokens: tuple[str, ...] = opt((), "Special tokens to add; embeddings grow and are trained.")
+    resize_vocab: bool = opt(False, "Train (and save) the embeddings and output head, e.g. after adding tokens.")
+    disable_gradient_checkpointing: bool = opt(False, "Turn off gradient checkpointing (on by default on GPU).")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class FinetuningArgs:
     ref_model: str | None = opt(None, "Reference model for DPO/KTO (default: the initial policy).")
     ref_model_adapters: tuple[str, ...] = opt((), "Adapters of the reference model.")
     reward_model: str | None = opt(None, "Reward model path (PPO).")
+    create_new_adapter: bool = opt(False, "Merge the given adapters and train a fresh one on top.")
+    early_stopping_steps: int | None = opt(None, "Stop when eval loss has not improved for this many evals.", ge=1)
     reward_model_adapters: tuple[str, ...] = opt((), "Adapters of the reward model.")
 
 
@@ -230,9 +238,9 @@ GROUPS: dict[str, type] = {
 # LLaMA-Factory keys a user may carry over that tunesmith does not implement (yet). They fail with
 # "not supported by tunesmith yet" instead of "unknown key", so the user knows the key is real.
 _UNSUPPORTED_WORDS = """
-adapter_folder use_fast_tokenizer resize_vocab split_special_tokens add_tokens add_special_tokens
-new_special_tokens low_cpu_mem_usage rope_scaling shift_attn mixture_of_depths use_unsloth use_unsloth_gc
-enable_liger_kernel moe_aux_loss_coef disable_gradient_checkpointing use_reentrant_gc upcast_layernorm
+adapter_folder use_fast_tokenizer  split_special_tokens add_tokens add_special_tokens
+ low_cpu_mem_usage rope_scaling shift_attn mixture_of_depths use_unsloth use_unsloth_gc
+enable_liger_kernel moe_aux_loss_coef  use_reentrant_gc upcast_layernorm
 upcast_lmhead_output train_from_scratch offload_folder hf_hub_token ms_hub_token om_hub_token
 print_param_status compute_dtype device_map model_max_length block_diag_attn quantization_device_map
 use_kv_cache image_max_pixels image_min_pixels image_do_pan_and_scan crop_to_patches video_max_pixels
@@ -242,8 +250,8 @@ export_quantization_maxlen vllm_config sglang_maxlen sglang_mem_fraction sglang_
 sglang_lora_backend eval_num_beams ignore_pad_token_for_loss eval_on_each_dataset
 data_shared_file_system pure_bf16 use_llama_pro use_adam_mini use_muon freeze_vision_tower
 freeze_multi_modal_projector freeze_language_model compute_accuracy disable_shuffling
-early_stopping_steps include_effective_tokens_per_second loraplus_lr_embedding pissa_convert
-create_new_adapter ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards
+ include_effective_tokens_per_second loraplus_lr_embedding pissa_convert
+ ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards
 ref_model_quantization_bit reward_model_quantization_bit reward_model_type ld_alpha use_galore
 galore_target galore_rank galore_update_interval galore_scale galore_proj_type galore_layerwise
 use_apollo apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj apollo_proj_type

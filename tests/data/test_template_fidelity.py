@@ -350,6 +350,15 @@ def test_documented_deviations() -> None:
     assert render(_named(f), msgs).text == official.replace(
         "<｜Assistant｜>", "<｜Assistant｜><think>\nGreet back.\n</think>\n\n"
     )
+    # R1's later template revision (variants/) prefills "<think>\n" in the generation prompt only; its own
+    # history rendering has no such text, so no template matches both. We follow the base revision.
+    prefill = Family(f.fixture, f.template, f.answer, jinja="variants/chat_template.think-prefill.jinja")
+    prompt = CONVERSATIONS["prompt"]
+    assert (
+        _official(prefill).render_text(prompt, add_generation_prompt=True)
+        == render(_named(f), prompt, add_generation_prompt=True).text + "<think>\n"
+    )
+    assert _official(prefill).render_text([U1, A1]) == render(_named(f), [U1, A1]).text
     # Qwen3 with enable_thinking=False: reasoning in the data is dropped (a non-thinking answer is trained,
     # as LLaMA-Factory does); the official template would still print it.
     f = by_fixture["qwen3"]

@@ -9,9 +9,10 @@ an answer into the answer's first word, which is why templates put that space in
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from tunesmith.data.types import Encoded, Rendered
 from tunesmith.errors import TunesmithError
@@ -31,15 +32,15 @@ def encode_batch(tokenizer: Any, rendered: Sequence[Rendered]) -> list[Encoded]:
             f"{type(tokenizer).__name__} is a slow (Python) tokenizer; token offsets need a fast one. Load the "
             "model's tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True)) or convert it"
         )
-    batch = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [
-        _tag(r, ids, offsets)
-        for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"])
-    ]
+    # The Rust backend directly: the transformers wrapper adds per-token Python work and nothing else here.
+    encodings = tokenizer.backend_tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    return [_tag(r, e.ids, e.offsets) for r, e in zip(rendered, encodings)]
 
 
 def _tag(rendered: Rendered, ids: list[int], offsets: Sequence[tuple[int, int]]) -> Encoded:
-    starts = [s.start for s in rendered.spans]
-    last = len(starts) - 1
-    token_span = [min(max(bisect_right(starts, start) - 1, 0), last) for start, _ in offsets]
-    return Encoded(input_ids=list(ids), token_span=token_span, spans=rendered.spans)
+    if not ids:
+        return Encoded(input_ids=[], token_span=[], spans=rendered.spans)
+    starts = np.fromiter((s.start for s in rendered.spans), dtype=np.int64, count=len(rendered.spans))
+    token_starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+    token_span = np.clip(np.searchsorted(starts, token_starts, side="right") - 1, 0, len(starts) - 1)
+    return Encoded(input_ids=list(ids), token_span=token_span.tolist(), spans=rendered.spans)

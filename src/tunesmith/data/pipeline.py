@@ -57,6 +57,7 @@ class DataOptions:
     bad_rows: str = "skip"
     max_bad_row_share: float = 0.5
     enable_thinking: bool | None = None
+    packing: bool = False
     cache_dir: str = "~/.cache/tunesmith"
     overwrite_cache: bool = False
     show_progress: bool = True
@@ -197,8 +198,8 @@ def prepare(opts: DataOptions, tokenizer: Any, template: Any) -> Prepared:
 
     def convert_all(names: tuple[str, ...]):
         specs = [resolve_dataset(n, opts.dataset_dir) for n in names]
-        conv = [convert(s, dataset_dir=opts.dataset_dir, policy=policy, cache=cache,
-                        overwrite=opts.overwrite_cache, show_progress=opts.show_progress) for s in specs]
+        conv = [convert(s, dataset_dir=opts.dataset_dir, policy=policy, cache=cache, overwrite=opts.overwrite_cache,
+                        show_progress=opts.show_progress, require_response=kind != "prompt") for s in specs]
         return specs, conv
 
     specs, converted = convert_all(opts.dataset)
@@ -209,14 +210,15 @@ def prepare(opts: DataOptions, tokenizer: Any, template: Any) -> Prepared:
 
     kwargs = pp.kind_kwargs(kind, tokenizer=tokenizer, template=template, cutoff_len=opts.cutoff_len,
                             train_on_prompt=opts.train_on_prompt, mask_history=opts.mask_history,
-                            truncation=opts.truncation, enable_thinking=opts.enable_thinking)
+                            truncation=opts.truncation, enable_thinking=opts.enable_thinking,
+                            packing=opts.packing)
     key = key_of({
         "data": [c.key for c in converted], "eval": [c.key for c in eval_converted],
         "mix": [opts.mix_strategy, opts.interleave_probs, opts.max_samples, opts.seed, opts.val_size,
                 [s.num_samples for s in specs + eval_specs]],
         "kind": kind, "tokenizer": tokenizer_digest(tokenizer), "template": _template_id(template),
         "options": {k: v for k, v in asdict(opts).items() if k in (
-            "cutoff_len", "train_on_prompt", "mask_history", "truncation", "enable_thinking")},
+            "cutoff_len", "train_on_prompt", "mask_history", "truncation", "enable_thinking", "packing")},
         "code": code_digest(),
     })
     hit = None if opts.overwrite_cache else cache.get("tokenized", key)

@@ -58,5 +58,12 @@ class TokenDataset:
         return np.asarray(pc.list_value_length(self.table.column(column)).to_numpy(zero_copy_only=False),
                           dtype=np.int64)
 
+    def supervised_tokens(self, column: str = "labels") -> int:
+        """Tokens that carry a loss term (label != -100, the first token of a row excluded)."""
+        if column not in self.table.column_names or not len(self):
+            return 0
+        flat = pc.list_flatten(pc.list_slice(self.table.column(column), 1))
+        return int(pc.sum(pc.not_equal(flat, -100)).as_py() or 0)
+
     def num_tokens(self, column: str = "input_ids") -> int:
         return int(self.lengths(column).sum())

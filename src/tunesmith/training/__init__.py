@@ -1,0 +1,1 @@
+"""Shared training machinery for the stages: setup from config, the trainer, final outputs."""

@@ -1,0 +1,210 @@
+"""Train a causal LM on pt or sft data: the whole run, top to bottom.
+
+config -> tokenizer + template -> tokenized data (cached) -> model + tuning -> Trainer -> outputs
+(weights, tokenizer with chat template, generation_config with stop ids, resolved config, run.json,
+trainer_log.jsonl, loss plots).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import Config, write_resolved_config
+from tunesmith.errors import TunesmithError
+from tunesmith.launcher import configure_logging, read_launch_env
+from tunesmith.training.setup import DataBundle, prepare_data, require_model, template_for
+
+log = logging.getLogger("tunesmith")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_resume(value: str | None, output_dir: Path) -> str | None:
+    """`auto` -> the newest checkpoint in output_dir (or None); a path -> itself, checked."""
+    if not value:
+        return None
+    if value == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last:
+            log.info("resuming from the newest checkpoint: %s", last)
+        else:
+            log.info("resume_from_checkpoint: auto found no checkpoint in %s; starting fresh", output_dir)
+        return last
+    if not Path(value).is_dir():
+        raise TunesmithError(f"resume_from_checkpoint: {value!r} is not a folder; give a checkpoint-N folder "
+                             f"or 'auto' for the newest one in output_dir")
+    return value
+
+
+def _check_output_dir(cfg: Config, out: Path, resume: str | None) -> None:
+    if out.is_dir() and any(out.iterdir()) and not resume and not cfg.training.overwrite_output_dir:
+        raise TunesmithError(
+            f"output_dir {str(out)!r} is not empty. Set overwrite_output_dir: true to write into it, "
+            f"resume_from_checkpoint: auto to continue its newest checkpoint, or choose another output_dir"
+        )
+
+
+def _precision(cfg: Config) -> tuple[str, dict[str, bool]]:
+    """The training dtype and the TrainingArguments flags (bf16/fp16) that go with it."""
+    import torch
+
+    from tunesmith.model.loader import resolve_dtype
+
+    hf = cfg.training.hf
+    if hf.get("bf16"):
+        name = "bfloat16"
+    elif hf.get("fp16"):
+        name = "float16"
+    else:
+        name = cfg.model.dtype
+    dtype = resolve_dtype(name, cuda=torch.cuda.is_available())
+    return str(dtype).removeprefix("torch."), {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) -> Any:
+    from transformers import TrainingArguments
+
+    kw = cfg.training.hf_kwargs()
+    kw.update(precision)
+    kw["remove_unused_columns"] = False  # our collator needs every column it was given
+    kw["gradient_checkpointing"] = False  # the loader has already set it up (non-reentrant)
+    kw.setdefault("report_to", "none")
+    kw.setdefault("logging_steps", 10)
+    kw.setdefault("logging_first_step", True)
+    kw["resume_from_checkpoint"] = None  # passed to train() after resolving "auto"
+    if has_eval:
+        kw.setdefault("eval_strategy", "epoch")
+        kw["do_eval"] = True
+    if cfg.finetuning.early_stopping_steps:
+        if not has_eval:
+            raise TunesmithError("early_stopping_steps needs evaluation data: set val_size or eval_dataset")
+        kw.setdefault("load_best_model_at_end", True)
+        kw.setdefault("metric_for_best_model", "eval_loss")
+        kw.setdefault("save_strategy", kw["eval_strategy"])
+        if kw.get("save_strategy") == "steps" and "eval_steps" in kw:
+            kw.setdefault("save_steps", kw["eval_steps"])
+    return TrainingArguments(**kw)
+
+
+def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
+    from tunesmith.model.loader import load_model
+    from tunesmith.model.tuning import TuningOptions, apply_tuning
+
+    m, f = cfg.model, cfg.finetuning
+    loaded = load_model(
+        require_model(cfg), dtype=dtype, attn=m.flash_attn,
+        gradient_checkpointing=False if m.disable_gradient_checkpointing else None,
+        trust_remote_code=m.trust_remote_code, quantization_bit=m.quantization_bit, tokenizer=tokenizer,
+        resize_vocab=m.resize_vocab or bool(m.new_special_tokens),
+    )
+    options = TuningOptions(
+        finetuning_type=f.finetuning_type, freeze_trainable_layers=f.freeze_trainable_layers,
+        freeze_trainable_modules=f.freeze_trainable_modules, freeze_extra_modules=f.freeze_extra_modules,
+        lora_rank=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, lora_target=f.lora_target,
+        additional_target=f.additional_target, use_dora=f.use_dora, use_rslora=f.use_rslora,
+        pissa_init=f.pissa_init, pissa_iter=f.pissa_iter, adapter_name_or_path=m.adapter_name_or_path,
+        create_new_adapter=f.create_new_adapter,
+    )
+    tuned = apply_tuning(loaded.model, options, quantized=bool(m.quantization_bit),
+                         train_embedding_modules=loaded.train_embedding_modules)
+    log.info("model: %s | dtype %s | attention %s | gradient checkpointing %s", require_model(cfg),
+             dtype, loaded.attn_implementation, "on" if loaded.gradient_checkpointing else "off")
+    log.info("%s (%s)", tuned.summary, f.finetuning_type)
+    return tuned
+
+
+def _total_tokens(data: DataBundle, args: Any) -> int | None:
+    per_epoch = data.prepared.train.supervised_tokens()
+    if args.max_steps and args.max_steps > 0:
+        return None  # step-limited: the step ETA is the honest one
+    return int(per_epoch * args.num_train_epochs)
+
+
+def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
+    """Run one pt or sft training from a validated config."""
+    from transformers import EarlyStoppingCallback
+
+    from tunesmith.data.cache import tokenizer_digest
+    from tunesmith.data.collate import CausalLMCollator
+    from tunesmith.model.loader import load_tokenizer
+    from tunesmith.runs import finish_run_manifest, start_run_manifest
+    from tunesmith.train_callbacks import training_callbacks
+    from tunesmith.training.outputs import save_tokenizer_and_generation_config
+    from tunesmith.training.trainer import TunesmithTrainer
+
+    launch = read_launch_env(os.environ)
+    configure_logging(launch.rank, launch.world_size, launch.rendezvous)
+    if not cfg.training.output_dir:
+        raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
+    out = Path(cfg.training.output_dir)
+    resume = resolve_resume(cfg.training.resume_from_checkpoint, out)
+    _check_output_dir(cfg, out, resume)
+
+    dtype, precision = _precision(cfg)
+    tokenizer = load_tokenizer(require_model(cfg), trust_remote_code=cfg.model.trust_remote_code,
+                               new_special_tokens=cfg.model.new_special_tokens)
+    template = template_for(cfg, tokenizer)
+    # Creating TrainingArguments sets up the process group, so rank 0 can tokenize first and the
+    # other ranks then read its cache.
+    args_probe_eval = bool(cfg.data.val_size or cfg.data.eval_dataset)
+    args = training_arguments(cfg, args_probe_eval, precision)
+    with args.main_process_first(desc="tokenize"):
+        data = prepare_data(cfg, tokenizer, template, kind, is_main=args.process_index == 0)
+    tuned = _load_model(cfg, tokenizer, dtype)
+
+    manifest = None
+    if args.process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(cfg, out)
+        manifest = start_run_manifest(out, cfg.to_flat_dict(), {c.name: c.key for c in data.prepared.converted},
+                                      tokenizer_digest(tokenizer), cfg.training.seed)
+    bundle = training_callbacks(plot_loss=cfg.training.plot_loss, total_tokens=_total_tokens(data, args))
+    collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if precision["bf16"] or precision["fp16"] else 1)
+    trainer = TunesmithTrainer(
+        model=tuned.model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
+        processing_class=tokenizer, callbacks_bundle=bundle, loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
+    )
+    if cfg.finetuning.early_stopping_steps:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.finetuning.early_stopping_steps))
+    pissa_dir = out / "pissa_init"
+    if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora" and args.process_index == 0:
+        tuned.model.save_pretrained(pissa_dir)  # the initial adapter, for converting the result on save
+
+    status = "failed"
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if manifest is not None and status != "completed":
+            finish_run_manifest(manifest, {}, status)
+
+    metrics = dict(result.metrics)
+    if data.eval is not None:
+        ev = trainer.evaluate()
+        metrics.update(ev)
+        if "eval_loss" in ev:
+            metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+    trainer.save_model(str(out))
+    if args.process_index == 0:
+        if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora":
+            trainer.model.save_pretrained(out, path_initial_model_for_weight_conversion=str(pissa_dir))
+        save_tokenizer_and_generation_config(out, tokenizer, template, trainer.model)
+        trainer.save_state()
+        trainer.save_metrics("all", metrics)
+        finish_run_manifest(manifest, metrics, "completed")
+    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return TrainResult(out, metrics)
