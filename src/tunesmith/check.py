@@ -49,14 +49,20 @@ def highlight(tokenizer: Any, input_ids: list[int], labels: list[int] | None, co
 def _sample_columns(columns: list[str]) -> list[tuple[str, str, str | None]]:
     """(title, ids column, labels column) pairs to show for a row of this kind."""
     if "chosen_input_ids" in columns:
-        return [("chosen", "chosen_input_ids", "chosen_labels"),
-                ("rejected", "rejected_input_ids", "rejected_labels")]
+        return [
+            ("chosen", "chosen_input_ids", "chosen_labels"),
+            ("rejected", "rejected_input_ids", "rejected_labels"),
+        ]
     return [("", "input_ids", "labels" if "labels" in columns else None)]
 
 
 def _lengths_table(stats: SplitStats) -> list[str]:
     lines = [f"  {'':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"]
-    for name, col in (("prompt", "prompt_tokens"), ("response", "response_tokens"), ("total", "total_tokens")):
+    for name, col in (
+        ("prompt", "prompt_tokens"),
+        ("response", "response_tokens"),
+        ("total", "total_tokens"),
+    ):
         p = stats.percentiles(col)
         if p:
             lines.append(f"  {name:<10}" + "".join(f"{p[k]:>8}" for k in ("p50", "p90", "p99", "max")))
@@ -66,7 +72,11 @@ def _lengths_table(stats: SplitStats) -> list[str]:
 def _eos_missing(prepared: Prepared, stops: list[int]) -> tuple[int, int]:
     """Rows whose last supervised token is not a stop token, of the rows scanned."""
     table = prepared.train.table
-    pairs = [("chosen_input_ids", "chosen_labels")] if "chosen_labels" in table.column_names else [("input_ids", "labels")]
+    pairs = (
+        [("chosen_input_ids", "chosen_labels")]
+        if "chosen_labels" in table.column_names
+        else [("input_ids", "labels")]
+    )
     ids_col, lab_col = pairs[0]
     if lab_col not in table.column_names:
         return 0, 0
@@ -75,7 +85,9 @@ def _eos_missing(prepared: Prepared, stops: list[int]) -> tuple[int, int]:
     labels = table.column(lab_col).slice(0, n).to_pylist()
     missing = 0
     for row_ids, row_labels in zip(ids, labels):
-        last = next((t for t, lab in zip(reversed(row_ids), reversed(row_labels)) if lab != IGNORE_INDEX), None)
+        last = next(
+            (t for t, lab in zip(reversed(row_ids), reversed(row_labels)) if lab != IGNORE_INDEX), None
+        )
         if last is not None and last not in stops:
             missing += 1
     return missing, n
@@ -95,12 +107,17 @@ def run_check(cfg: Config, out: TextIO | None = None, colour: bool | None = None
     stage = cfg.finetuning.stage
     kind = STAGE_KIND[stage]
     say(f"tunesmith check: config {cfg.source or '(overrides)'} is valid; stage {stage} ({kind} data)")
-    tokenizer = load_tokenizer(require_model(cfg), trust_remote_code=cfg.model.trust_remote_code,
-                               new_special_tokens=cfg.model.new_special_tokens)
+    tokenizer = load_tokenizer(
+        require_model(cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+        new_special_tokens=cfg.model.new_special_tokens,
+    )
     template = template_for(cfg, tokenizer)
     say(f"tokenizer: {require_model(cfg)} ({len(tokenizer)} tokens); template: {template.name}")
     if not cfg.data.dataset:
-        raise TunesmithError("no dataset configured: set dataset (a name from dataset_info.json or a file path)")
+        raise TunesmithError(
+            "no dataset configured: set dataset (a name from dataset_info.json or a file path)"
+        )
     prepared = prepare(data_options(cfg, stage), tokenizer, template)
 
     say("", "== datasets ==")
@@ -118,9 +135,17 @@ def run_check(cfg: Config, out: TextIO | None = None, colour: bool | None = None
 
     st = prepared.train_stats
     say("", f"== token lengths (before truncation; cutoff_len {cfg.data.cutoff_len}) ==", *_lengths_table(st))
-    truncated = int(st.columns["truncated"].sum()) if "truncated" in st.columns and len(st.columns["truncated"]) else 0
-    say(f"  rows in: {st.rows_in}, kept: {st.rows_out}, truncated: {truncated}, dropped: {sum(st.dropped.values())}"
-        + "".join(f"\n    dropped ({reason}): {n}" for reason, n in st.dropped.items()))
+    truncated = (
+        int(st.columns["truncated"].sum())
+        if "truncated" in st.columns and len(st.columns["truncated"])
+        else 0
+    )
+    unit = "documents in" if kind == "pt" else "rows in"
+    out_unit = f"sequences of up to {cfg.data.cutoff_len} tokens" if kind == "pt" else "kept"
+    say(
+        f"  {unit}: {st.rows_in}, {out_unit}: {st.rows_out}, truncated: {truncated}, dropped: {sum(st.dropped.values())}"
+        + "".join(f"\n    dropped ({reason}): {n}" for reason, n in st.dropped.items())
+    )
     if prepared.eval_stats is not None:
         say(f"  eval rows: {prepared.eval_stats.rows_out}")
 
@@ -130,19 +155,24 @@ def run_check(cfg: Config, out: TextIO | None = None, colour: bool | None = None
             report.warnings.append(
                 f"{missing} of {scanned} training targets do not end with a stop token "
                 f"({[tokenizer.decode([t]) for t in stop_token_ids(tokenizer, template)]}): the model will not "
-                f"learn to stop on them (truncated responses? raise cutoff_len or use truncation: drop)")
-    if not isinstance(template, AutoTemplate) and tokenizer.chat_template:
+                f"learn to stop on them (truncated responses? raise cutoff_len or use truncation: drop)"
+            )
+    if kind != "pt" and not isinstance(template, AutoTemplate) and tokenizer.chat_template:
         diffs = compare_with_tokenizer(template, tokenizer)
         if diffs:
-            report.warnings.append(f"template {template.name!r} renders differently from the tokenizer's own chat "
-                                   f"template (use template: auto to train with the tokenizer's):\n    "
-                                   + "\n    ".join(diffs[:5]))
+            report.warnings.append(
+                f"template {template.name!r} renders differently from the tokenizer's own chat "
+                f"template (use template: auto to train with the tokenizer's):\n    "
+                + "\n    ".join(diffs[:5])
+            )
     if st.rows_out == 0:
         report.errors.append("no usable training rows: every row was dropped (see the reasons above)")
 
     say("", "== verdict ==")
     say(*(f"warning: {w}" for w in report.warnings))
     say(*(f"error: {e}" for e in report.errors))
-    say("usable: yes" if not report.errors else "usable: no", f"(data cache: {'reused' if prepared.reused else 'built'}"
-        f", {prepared.seconds:.1f} s)")
+    say(
+        "usable: yes" if not report.errors else "usable: no",
+        f"(data cache: {'reused' if prepared.reused else 'built'}, {prepared.seconds:.1f} s)",
+    )
     return 0 if not report.errors else 1

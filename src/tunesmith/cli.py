@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
         close = difflib.get_close_matches(command, COMMANDS, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        print(f"tunesmith: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"tunesmith: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     try:
         return COMMANDS[command](rest)
@@ -116,4 +118,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

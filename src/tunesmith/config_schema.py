@@ -32,11 +32,16 @@ class ModelArgs:
     quantization_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (bitsandbytes).")
     double_quantization: bool = opt(True, "Also quantize the quantization constants (4-bit).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
-        "auto", "Training dtype when neither bf16 nor fp16 is set: auto = bf16 on capable GPUs, fp16, fp32 on CPU."
+        "auto",
+        "Training dtype when neither bf16 nor fp16 is set: auto = bf16 on capable GPUs, fp16, fp32 on CPU.",
     )
     new_special_tokens: tuple[str, ...] = opt((), "Special tokens to add; embeddings grow and are trained.")
-    resize_vocab: bool = opt(False, "Train (and save) the embeddings and output head, e.g. after adding tokens.")
-    disable_gradient_checkpointing: bool = opt(False, "Turn off gradient checkpointing (on by default on GPU).")
+    resize_vocab: bool = opt(
+        False, "Train (and save) the embeddings and output head, e.g. after adding tokens."
+    )
+    disable_gradient_checkpointing: bool = opt(
+        False, "Turn off gradient checkpointing (on by default on GPU)."
+    )
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,9 @@ class FinetuningArgs:
     ref_model_adapters: tuple[str, ...] = opt((), "Adapters of the reference model.")
     reward_model: str | None = opt(None, "Reward model path (PPO).")
     create_new_adapter: bool = opt(False, "Merge the given adapters and train a fresh one on top.")
-    early_stopping_steps: int | None = opt(None, "Stop when eval loss has not improved for this many evals.", ge=1)
+    early_stopping_steps: int | None = opt(
+        None, "Stop when eval loss has not improved for this many evals.", ge=1
+    )
     reward_model_adapters: tuple[str, ...] = opt((), "Adapters of the reward model.")
 
 

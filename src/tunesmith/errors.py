@@ -64,8 +64,14 @@ class Location:
 class DataError(TunesmithError):
     """A problem with a data file or one of its rows, naming file, line, field and what was expected."""
 
-    def __init__(self, where: Location | str, message: str, field: str | None = None,
-                 expected: str | None = None, fix: str | None = None) -> None:
+    def __init__(
+        self,
+        where: Location | str,
+        message: str,
+        field: str | None = None,
+        expected: str | None = None,
+        fix: str | None = None,
+    ) -> None:
         self.where = where
         self.field = field
         self.expected = expected

@@ -60,9 +60,13 @@ def test_packed_rows_invariants_on_random_documents():
     rows = packed_rows(examples, pack([len(d) for d in docs], 64))
     assert "weights" not in rows
     assert sorted(map(tuple, docs)) == sorted(
-        tuple(row[a : a + n]) for row, lens in zip(rows["input_ids"], rows["seq_lens"]) for a, n in _starts(lens)
+        tuple(row[a : a + n])
+        for row, lens in zip(rows["input_ids"], rows["seq_lens"])
+        for a, n in _starts(lens)
     )
-    for row_ids, labels, pos, lens in zip(rows["input_ids"], rows["labels"], rows["position_ids"], rows["seq_lens"]):
+    for row_ids, labels, pos, lens in zip(
+        rows["input_ids"], rows["labels"], rows["position_ids"], rows["seq_lens"]
+    ):
         assert len(row_ids) == len(labels) == len(pos) == sum(lens) <= 64
         for a, n in _starts(lens):
             assert pos[a : a + n] == list(range(n)) and labels[a] == IGNORE_INDEX

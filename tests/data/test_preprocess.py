@@ -27,7 +27,7 @@ from tunesmith.data.preprocess import (
 from tunesmith.data.preprocess_fit import Codec
 from tunesmith.data.templates import resolve_template
 from tunesmith.data.types import Encoded, Rendered, Span
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, TunesmithError
 from tunesmith.tiny import tiny_tokenizer_dir
 
 TOK = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
@@ -88,8 +88,10 @@ def sft(rows, **kw):
 def test_sft_exact_layout():
     msgs = conv("What is 2 + 3?", "5.")
     b = sft([{"messages": msgs, "source": "d.json:1"}])
-    prompt = ids("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
-                 "<|im_start|>assistant\n")
+    prompt = ids(
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     body, nl = ids("5.<|im_end|>"), ids("\n")
     assert b.columns["input_ids"] == [prompt + body + nl]
     assert b.columns["labels"] == [[IGNORE_INDEX] * len(prompt) + body + [IGNORE_INDEX] * len(nl)]
@@ -104,13 +106,16 @@ def test_masking_options_multi_turn():
     msgs = conv("Name a color.", "Red.", "Another?", "Blue.")
     row = {"messages": msgs}
     assert supervised_text(sft([row]).columns["labels"][0]) == f"Red.{END}Blue.{END}"
-    assert supervised_text(sft([row], masking=MaskingPolicy(mask_history=True)).columns["labels"][0]) == f"Blue.{END}"
+    assert (
+        supervised_text(sft([row], masking=MaskingPolicy(mask_history=True)).columns["labels"][0])
+        == f"Blue.{END}"
+    )
     b = sft([row], masking=MaskingPolicy(train_on_prompt=True))
     assert b.columns["labels"] == b.columns["input_ids"]
     both = sft([row], masking=MaskingPolicy(train_on_prompt=True, mask_history=True)).columns
-    assert TOK.decode([t for t, lab in zip(both["input_ids"][0], both["labels"][0]) if lab == IGNORE_INDEX]) == (
-        f"Red.{END}"
-    )
+    assert TOK.decode(
+        [t for t, lab in zip(both["input_ids"][0], both["labels"][0]) if lab == IGNORE_INDEX]
+    ) == (f"Red.{END}")
 
 
 def test_train_false_and_weights():
@@ -118,6 +123,15 @@ def test_train_false_and_weights():
     msgs[2] = {**msgs[2], "train": False}
     b = sft([{"messages": msgs}])
     assert supervised_text(b.columns["labels"][0]) == f"Blue.{END}" and "weights" not in b.columns
+    b = sft([{"messages": msgs}], masking=MaskingPolicy(train_on_prompt=True))
+    unlabelled = [
+        t for t, lab in zip(b.columns["input_ids"][0], b.columns["labels"][0]) if lab == IGNORE_INDEX
+    ]
+    assert TOK.decode(unlabelled) == f"<|im_start|>assistant\nRed.{END}\n"
+    real_b = sft_batch(
+        [{"messages": msgs}], codec=real("chatml"), cutoff_len=64, masking=MaskingPolicy(train_on_prompt=True)
+    )
+    assert real_b.columns == b.columns
     msgs = conv("Name a color.", "Red.", "Another?", "Blue.")
     msgs[2] = {**msgs[2], "weight": 0.5}
     b = sft([{"messages": msgs}, {"messages": conv("Hi", "Hello.")}])
@@ -135,6 +149,8 @@ def test_no_supervised_tokens_dropped_and_bad_row_named():
     b = sft([{"messages": msgs, "source": "f.jsonl:7"}, {"messages": conv("Hi", "Hey.")}])
     assert len(b.columns["input_ids"]) == 1 and b.dropped() == {"no_supervised_tokens": 1}
     assert b.stats[0].dropped == "no_supervised_tokens" and b.stats[0].source == "f.jsonl:7"
+    with pytest.raises(TunesmithError, match="cutoff_len must be at least 1"):
+        sft([{"messages": conv("Hi", "Hey.")}], cutoff_len=0)
     with pytest.raises(DataError, match=r"f.jsonl:9.*must end with an assistant turn"):
         sft([{"messages": conv("Hi"), "source": "f.jsonl:9"}])
 
@@ -201,8 +217,10 @@ def test_response_longer_than_budget_loses_its_tail_and_eos():
 
 
 def test_drop_mode_drops_too_long_rows():
-    rows = [{"messages": conv("Hi", "Hello."), "source": "a:1"},
-            {"messages": conv(" ".join(["word"] * 200), "Ok."), "source": "a:2"}]
+    rows = [
+        {"messages": conv("Hi", "Hello."), "source": "a:1"},
+        {"messages": conv(" ".join(["word"] * 200), "Ok."), "source": "a:2"},
+    ]
     b = sft(rows, cutoff_len=64, truncation="drop")
     assert len(b.columns["input_ids"]) == 1 and b.dropped() == {"too_long": 1}
     assert b.stats[1].dropped == "too_long" and b.stats[1].total_tokens > 64
@@ -220,8 +238,11 @@ def test_batch_mixes_short_and_long_rows_in_order():
 
 
 def test_pairwise_shares_prompt_and_supervises_responses():
-    row = {"messages": conv("Pick one."), "chosen": {"role": "assistant", "content": "Good."},
-           "rejected": {"role": "assistant", "content": "A bad and longer answer."}}
+    row = {
+        "messages": conv("Pick one."),
+        "chosen": {"role": "assistant", "content": "Good."},
+        "rejected": {"role": "assistant", "content": "A bad and longer answer."},
+    }
     b = pairwise_batch([row], codec=CODEC, cutoff_len=1024)
     c, r = b.columns["chosen_input_ids"][0], b.columns["rejected_input_ids"][0]
     p = b.stats[0].prompt_tokens + 3
@@ -231,9 +252,11 @@ def test_pairwise_shares_prompt_and_supervises_responses():
 
 
 def test_pairwise_truncation_cuts_the_shared_prompt_equally():
-    row = {"messages": conv(" ".join(f"n{i}" for i in range(300))),
-           "chosen": {"role": "assistant", "content": "Yes."},
-           "rejected": {"role": "assistant", "content": "No, it is not so."}}
+    row = {
+        "messages": conv(" ".join(f"n{i}" for i in range(300))),
+        "chosen": {"role": "assistant", "content": "Yes."},
+        "rejected": {"role": "assistant", "content": "No, it is not so."},
+    }
     b = pairwise_batch([row], codec=CODEC, cutoff_len=80)
     c, r = b.columns["chosen_input_ids"][0], b.columns["rejected_input_ids"][0]
     assert len(r) <= 80 and b.stats[0].truncated
@@ -243,7 +266,10 @@ def test_pairwise_truncation_cuts_the_shared_prompt_equally():
 
 
 def test_kto_keeps_tag_and_requires_it():
-    rows = [{"messages": conv("Hi", "Hello."), "kto_tag": True}, {"messages": conv("Hi", "Go away."), "kto_tag": False}]
+    rows = [
+        {"messages": conv("Hi", "Hello."), "kto_tag": True},
+        {"messages": conv("Hi", "Go away."), "kto_tag": False},
+    ]
     b = kto_batch(rows, codec=CODEC, cutoff_len=64)
     assert b.columns["kto_tag"] == [True, False]
     assert supervised_text(b.columns["labels"][1]) == f"Go away.{END}"
@@ -252,8 +278,10 @@ def test_kto_keeps_tag_and_requires_it():
 
 
 def test_prompt_only_keeps_extras_and_reference():
-    rows = [{"messages": conv("2+2?", "4"), "extra": {"answer": "4", "id": 1}},
-            {"messages": conv("Capital of France?"), "extra": {"answer": "Paris"}}]
+    rows = [
+        {"messages": conv("2+2?", "4"), "extra": {"answer": "4", "id": 1}},
+        {"messages": conv("Capital of France?"), "extra": {"answer": "Paris"}},
+    ]
     b = prompt_batch(rows, codec=CODEC, cutoff_len=64)
     cols = b.columns
     expected = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -275,7 +303,10 @@ def test_pt_concatenates_with_eos_and_chunks():
     b = pt_batch(docs, tokenizer=TOK, cutoff_len=4, eos=END, packing=False)
     stream = d[0] + d[1] + d[2]
     assert [t for blk in b.columns["input_ids"] for t in blk] == stream
-    assert all(len(blk) == 4 for blk in b.columns["input_ids"][:-1]) and b.columns["labels"] == b.columns["input_ids"]
+    assert (
+        all(len(blk) == 4 for blk in b.columns["input_ids"][:-1])
+        and b.columns["labels"] == b.columns["input_ids"]
+    )
 
 
 def test_pt_packing_keeps_documents_whole_and_splits_only_long_ones():
@@ -290,8 +321,14 @@ def test_pt_packing_keeps_documents_whole_and_splits_only_long_ones():
 
 
 def test_run_kind_reports_stat_columns():
-    cols, stats = run_kind("sft", [{"messages": conv("Hi", "Hello.")}], codec=CODEC, cutoff_len=64,
-                           masking=MaskingPolicy(), truncation="keep_response")
+    cols, stats = run_kind(
+        "sft",
+        [{"messages": conv("Hi", "Hello.")}],
+        codec=CODEC,
+        cutoff_len=64,
+        masking=MaskingPolicy(),
+        truncation="keep_response",
+    )
     assert len(cols["input_ids"]) == 1 and stats["dropped"] == {} and stats["truncated"] == [False]
     assert stats["supervised_tokens"] == [len(ids(f"Hello.{END}"))]
 
@@ -338,11 +375,25 @@ def test_real_template_truncation_rerenders_structure(name):
 @pytest.mark.parametrize("kind", ["sft", "pairwise", "kto", "prompt", "pt"])
 def test_kind_kwargs_and_run_kind_with_a_real_template(kind):
     turn = conv("Hi", "Hello.")
-    row = {"sft": {"messages": turn}, "kto": {"messages": turn, "kto_tag": False},
-           "pairwise": {"messages": turn[:-1], "chosen": turn[-1], "rejected": {"role": "assistant", "content": "No."}},
-           "prompt": {"messages": turn, "extra": {"answer": "Hello."}}, "pt": {"text": "hello world"}}[kind]
-    kwargs = kind_kwargs(kind, tokenizer=TOK, template=resolve_template("qwen", TOK), cutoff_len=64,
-                         mask_history=False, packing=kind == "pt")
+    row = {
+        "sft": {"messages": turn},
+        "kto": {"messages": turn, "kto_tag": False},
+        "pairwise": {
+            "messages": turn[:-1],
+            "chosen": turn[-1],
+            "rejected": {"role": "assistant", "content": "No."},
+        },
+        "prompt": {"messages": turn, "extra": {"answer": "Hello."}},
+        "pt": {"text": "hello world"},
+    }[kind]
+    kwargs = kind_kwargs(
+        kind,
+        tokenizer=TOK,
+        template=resolve_template("qwen", TOK),
+        cutoff_len=64,
+        mask_history=False,
+        packing=kind == "pt",
+    )
     kwargs = pickle.loads(pickle.dumps(kwargs))  # worker processes may receive them pickled
     cols, stats = run_kind(kind, [row, row], **kwargs)
     assert all(len(v) == 2 for v in cols.values()) and stats["dropped"] == {}

@@ -43,7 +43,9 @@ def files_digest(paths: Iterable[str | Path]) -> str:
 def code_digest() -> str:
     """Digest of the data package's source and template files: code changes invalidate the cache."""
     root = Path(__file__).parent
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".json") and p.is_file())
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix in (".py", ".yaml", ".yml", ".json") and p.is_file()
+    )
     h = hashlib.sha1()
     for p in files:
         h.update(str(p.relative_to(root)).encode())

@@ -44,28 +44,46 @@ def _source_digest(spec: DatasetSpec, dataset_dir: str | Path) -> str:
     return key_of({"hub": spec.hf_hub_url, "subset": spec.subset, "split": spec.split})
 
 
-def convert(spec: DatasetSpec, *, dataset_dir: str | Path, policy: BadRowPolicy, cache: DataCache,
-            overwrite: bool = False, show_progress: bool = False, require_response: bool = True) -> Converted:
+def convert(
+    spec: DatasetSpec,
+    *,
+    dataset_dir: str | Path,
+    policy: BadRowPolicy,
+    cache: DataCache,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    require_response: bool = True,
+) -> Converted:
     """Read, validate and canonicalise one dataset (or reuse the cached result)."""
-    key = key_of({
-        "spec": asdict(spec),
-        "source": _source_digest(spec, dataset_dir),
-        "policy": asdict(policy),
-        "require_response": require_response,
-        "code": code_digest(),
-    })
+    key = key_of(
+        {
+            "spec": asdict(spec),
+            "source": _source_digest(spec, dataset_dir),
+            "policy": asdict(policy),
+            "require_response": require_response,
+            "code": code_digest(),
+        }
+    )
     hit = None if overwrite else cache.get("rows", key)
     if hit is not None:
         meta = orjson.loads((hit / "meta.json").read_bytes())
-        return Converted(spec.name, hit / ROWS_FILE, meta["num_rows"], key, meta["report"], meta["invalid"], True)
+        return Converted(
+            spec.name, hit / ROWS_FILE, meta["num_rows"], key, meta["report"], meta["invalid"], True
+        )
 
     staging = cache.staging("rows")
     report = LoadReport(dataset=spec.name)
     n = 0
     with pa.OSFile(str(staging / ROWS_FILE), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
         buf: list[str] = []
-        for row in load_rows(spec, dataset_dir=dataset_dir, policy=policy, report=report,
-                             show_progress=show_progress, require_response=require_response):
+        for row in load_rows(
+            spec,
+            dataset_dir=dataset_dir,
+            policy=policy,
+            report=report,
+            show_progress=show_progress,
+            require_response=require_response,
+        ):
             buf.append(orjson.dumps(row).decode())
             if len(buf) >= _BATCH:
                 writer.write_batch(pa.record_batch([pa.array(buf, pa.large_string())], schema=_SCHEMA))
@@ -77,8 +95,12 @@ def convert(spec: DatasetSpec, *, dataset_dir: str | Path, policy: BadRowPolicy,
     summary = report.summary()
     if show_progress and report.invalid_total:
         print(summary, file=sys.stderr)
-    path = cache.commit(staging, "rows", key, {"num_rows": n, "report": summary, "invalid": report.invalid_total,
-                                                "dataset": spec.name})
+    path = cache.commit(
+        staging,
+        "rows",
+        key,
+        {"num_rows": n, "report": summary, "invalid": report.invalid_total, "dataset": spec.name},
+    )
     return Converted(spec.name, path / ROWS_FILE, n, key, summary, report.invalid_total, False)
 
 

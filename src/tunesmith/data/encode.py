@@ -34,13 +34,36 @@ def encode_batch(tokenizer: Any, rendered: Sequence[Rendered]) -> list[Encoded]:
         )
     # The Rust backend directly: the transformers wrapper adds per-token Python work and nothing else here.
     encodings = tokenizer.backend_tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
-    return [_tag(r, e.ids, e.offsets) for r, e in zip(rendered, encodings)]
+    return [_tag(r, e) for r, e in zip(rendered, encodings)]
 
 
-def _tag(rendered: Rendered, ids: list[int], offsets: Sequence[tuple[int, int]]) -> Encoded:
-    if not ids:
+def _first_token_at_or_after(e: Any, char: int, text_len: int) -> int | None:
+    """Index of the first token whose first character is at or after `char` (None: no such token)."""
+    while char < text_len:
+        t = e.char_to_token(char)
+        if t is not None:
+            start, _ = e.token_to_chars(t)
+            return t if start >= char else t + 1  # a token that starts earlier belongs to the span before
+        char += 1  # a character no token covers (e.g. whitespace a normalizer removed)
+    return None
+
+
+def _tag(rendered: Rendered, e: Any) -> Encoded:
+    """Tag tokens with spans using a few lookups per span, not per token (the hot path of preprocessing).
+
+    Same rule as mapping every token's start offset: a token belongs to the span its first character is in.
+    """
+    ids = e.ids
+    n = len(ids)
+    if not n:
         return Encoded(input_ids=[], token_span=[], spans=rendered.spans)
-    starts = np.fromiter((s.start for s in rendered.spans), dtype=np.int64, count=len(rendered.spans))
-    token_starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-    token_span = np.clip(np.searchsorted(starts, token_starts, side="right") - 1, 0, len(starts) - 1)
-    return Encoded(input_ids=list(ids), token_span=token_span.tolist(), spans=rendered.spans)
+    text_len = len(rendered.text)
+    starts = np.empty(len(rendered.spans), dtype=np.int64)
+    prev = 0
+    for k, span in enumerate(rendered.spans):
+        t = 0 if k == 0 else _first_token_at_or_after(e, span.start, text_len)
+        prev = max(prev, n if t is None else min(t, n))
+        starts[k] = prev
+    counts = np.diff(np.append(starts, n))
+    token_span = np.repeat(np.arange(len(starts)), counts)
+    return Encoded(input_ids=ids, token_span=token_span.tolist(), spans=rendered.spans)

@@ -31,8 +31,10 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     bad = [(i, n) for i, n in enumerate(lengths) if not 0 < n <= capacity]
     if bad:
         i, n = bad[0]
-        raise ValueError(f"pack: document {i} has length {n}; every length must be in 1..{capacity} "
-                         f"(truncate to cutoff_len before packing; {len(bad)} such document(s))")
+        raise ValueError(
+            f"pack: document {i} has length {n}; every length must be in 1..{capacity} "
+            f"(truncate to cutoff_len before packing; {len(bad)} such document(s))"
+        )
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (remaining capacity, bin) sorted: the best fit is a bisect away
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
@@ -50,7 +52,9 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def packed_rows(examples: Mapping[str, Sequence[Sequence[Any]]], bins: list[list[int]]) -> dict[str, list[Any]]:
+def packed_rows(
+    examples: Mapping[str, Sequence[Sequence[Any]]], bins: list[list[int]]
+) -> dict[str, list[Any]]:
     """Concatenate the examples of each bin: input_ids, labels (+ weights when present), position_ids,
     seq_lens. The first label (and weight) of every document is masked; see the module docstring."""
     ids, labels = examples["input_ids"], examples["labels"]

@@ -30,10 +30,17 @@ from tunesmith.data.tokenized import TokenDataset, write_part
 from tunesmith.errors import DataError
 
 # Which preprocessing a stage needs: the stage table is data.
-STAGE_KIND = {"pt": "pt", "sft": "sft", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
-              "ppo": "prompt", "grpo": "prompt", "predict": "prompt"}
+STAGE_KIND = {
+    "pt": "pt",
+    "sft": "sft",
+    "rm": "pairwise",
+    "dpo": "pairwise",
+    "kto": "kto",
+    "ppo": "prompt",
+    "grpo": "prompt",
+    "predict": "prompt",
+}
 STAT_COLUMNS = ("prompt_tokens", "response_tokens", "total_tokens", "supervised_tokens", "truncated")
-_CHUNK_ROWS = 2000
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class DataOptions:
     cache_dir: str = "~/.cache/tunesmith"
     overwrite_cache: bool = False
     show_progress: bool = True
+    chunk_rows: int = 1000  # rows per worker task and per part file (preprocessing_batch_size)
 
 
 @dataclass
@@ -128,8 +136,15 @@ def _process_chunk(job: tuple[int, np.ndarray, str]) -> dict[str, Any]:
 
 def _plan(converted: list[Converted], specs: list, opts: DataOptions) -> np.ndarray:
     """(dataset, row) pairs in training order, before the validation split."""
-    per = [np.asarray(dataset_indices(c.num_rows, num_samples=s.num_samples, max_samples=opts.max_samples, seed=opts.seed),
-                      dtype=np.int64) for c, s in zip(converted, specs)]
+    per = [
+        np.asarray(
+            dataset_indices(
+                c.num_rows, num_samples=s.num_samples, max_samples=opts.max_samples, seed=opts.seed
+            ),
+            dtype=np.int64,
+        )
+        for c, s in zip(converted, specs)
+    ]
     probs = list(opts.interleave_probs) if opts.interleave_probs else None
     pairs = mix_plan([len(p) for p in per], opts.mix_strategy, probs, opts.seed)
     if not pairs:
@@ -143,14 +158,27 @@ def _plan(converted: list[Converted], specs: list, opts: DataOptions) -> np.ndar
     return rows
 
 
-def _tokenize_split(plan: np.ndarray, out_dir: Path, ctx: dict[str, Any], workers: int, desc: str,
-                    show_progress: bool) -> SplitStats:
+def _tokenize_split(
+    plan: np.ndarray,
+    out_dir: Path,
+    ctx: dict[str, Any],
+    workers: int,
+    desc: str,
+    show_progress: bool,
+    chunk: int,
+) -> SplitStats:
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, plan[s:s + _CHUNK_ROWS], str(out_dir)) for i, s in enumerate(range(0, len(plan), _CHUNK_ROWS))]
+    jobs = [(i, plan[s : s + chunk], str(out_dir)) for i, s in enumerate(range(0, len(plan), chunk))]
     stats = SplitStats(rows_in=len(plan))
     collected: dict[str, list] = {c: [] for c in STAT_COLUMNS}
-    bar = tqdm(total=len(plan), desc=desc, unit="rows", disable=not show_progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(plan),
+        desc=desc,
+        unit="rows",
+        disable=not show_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     if workers > 1 and len(jobs) > 1:
         pool_ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with pool_ctx.Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
@@ -181,8 +209,12 @@ def _save_stats(path: Path, stats: SplitStats) -> None:
 
 def _load_stats(path: Path, meta: dict[str, Any]) -> SplitStats:
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    return SplitStats(meta["rows_in"], meta["rows_out"], Counter(meta["dropped"]),
-                      {k: table.column(k).to_numpy() for k in table.column_names})
+    return SplitStats(
+        meta["rows_in"],
+        meta["rows_out"],
+        Counter(meta["dropped"]),
+        {k: table.column(k).to_numpy() for k in table.column_names},
+    )
 
 
 def _template_id(template: Any) -> str:
@@ -198,29 +230,72 @@ def prepare(opts: DataOptions, tokenizer: Any, template: Any) -> Prepared:
 
     def convert_all(names: tuple[str, ...]):
         specs = [resolve_dataset(n, opts.dataset_dir) for n in names]
-        conv = [convert(s, dataset_dir=opts.dataset_dir, policy=policy, cache=cache, overwrite=opts.overwrite_cache,
-                        show_progress=opts.show_progress, require_response=kind != "prompt") for s in specs]
+        conv = [
+            convert(
+                s,
+                dataset_dir=opts.dataset_dir,
+                policy=policy,
+                cache=cache,
+                overwrite=opts.overwrite_cache,
+                show_progress=opts.show_progress,
+                require_response=kind != "prompt",
+            )
+            for s in specs
+        ]
         return specs, conv
 
     specs, converted = convert_all(opts.dataset)
     eval_specs, eval_converted = convert_all(opts.eval_dataset) if opts.eval_dataset else ([], [])
     if opts.eval_dataset and opts.val_size:
-        raise DataError("config", "val_size and eval_dataset are both set", field="val_size",
-                        fix="use one of them: eval_dataset for a separate set, val_size to split the training data")
+        raise DataError(
+            "config",
+            "val_size and eval_dataset are both set",
+            field="val_size",
+            fix="use one of them: eval_dataset for a separate set, val_size to split the training data",
+        )
 
-    kwargs = pp.kind_kwargs(kind, tokenizer=tokenizer, template=template, cutoff_len=opts.cutoff_len,
-                            train_on_prompt=opts.train_on_prompt, mask_history=opts.mask_history,
-                            truncation=opts.truncation, enable_thinking=opts.enable_thinking,
-                            packing=opts.packing)
-    key = key_of({
-        "data": [c.key for c in converted], "eval": [c.key for c in eval_converted],
-        "mix": [opts.mix_strategy, opts.interleave_probs, opts.max_samples, opts.seed, opts.val_size,
-                [s.num_samples for s in specs + eval_specs]],
-        "kind": kind, "tokenizer": tokenizer_digest(tokenizer), "template": _template_id(template),
-        "options": {k: v for k, v in asdict(opts).items() if k in (
-            "cutoff_len", "train_on_prompt", "mask_history", "truncation", "enable_thinking", "packing")},
-        "code": code_digest(),
-    })
+    kwargs = pp.kind_kwargs(
+        kind,
+        tokenizer=tokenizer,
+        template=template,
+        cutoff_len=opts.cutoff_len,
+        train_on_prompt=opts.train_on_prompt,
+        mask_history=opts.mask_history,
+        truncation=opts.truncation,
+        enable_thinking=opts.enable_thinking,
+        packing=opts.packing,
+    )
+    key = key_of(
+        {
+            "data": [c.key for c in converted],
+            "eval": [c.key for c in eval_converted],
+            "mix": [
+                opts.mix_strategy,
+                opts.interleave_probs,
+                opts.max_samples,
+                opts.seed,
+                opts.val_size,
+                [s.num_samples for s in specs + eval_specs],
+            ],
+            "kind": kind,
+            "tokenizer": tokenizer_digest(tokenizer),
+            "template": _template_id(template),
+            "options": {
+                k: v
+                for k, v in asdict(opts).items()
+                if k
+                in (
+                    "cutoff_len",
+                    "train_on_prompt",
+                    "mask_history",
+                    "truncation",
+                    "enable_thinking",
+                    "packing",
+                )
+            },
+            "code": code_digest(),
+        }
+    )
     hit = None if opts.overwrite_cache else cache.get("tokenized", key)
     if hit is not None:
         if opts.show_progress:
@@ -240,10 +315,14 @@ def prepare(opts: DataOptions, tokenizer: Any, template: Any) -> Prepared:
     staging = cache.staging("tokenized")
     ctx = {"kind": kind, "kwargs": kwargs, "paths": [str(c.path) for c in converted + eval_converted]}
     workers = max(1, opts.num_workers)
-    train_stats = _tokenize_split(plan, staging / "train", ctx, workers, "tokenize train", opts.show_progress)
+    train_stats = _tokenize_split(
+        plan, staging / "train", ctx, workers, "tokenize train", opts.show_progress, opts.chunk_rows
+    )
     eval_stats = None
     if eval_plan is not None:
-        eval_stats = _tokenize_split(eval_plan, staging / "eval", ctx, workers, "tokenize eval", opts.show_progress)
+        eval_stats = _tokenize_split(
+            eval_plan, staging / "eval", ctx, workers, "tokenize eval", opts.show_progress, opts.chunk_rows
+        )
     meta: dict[str, Any] = {}
     for split, st in (("train", train_stats), ("eval", eval_stats)):
         if st is not None:

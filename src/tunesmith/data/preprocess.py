@@ -5,9 +5,11 @@ preprocess_fit for the truncation policy). Labels follow the Hugging Face conven
 ``input_ids[i]`` where the token is trained on, ``IGNORE_INDEX`` elsewhere; the model shifts them.
 Which tokens are labelled comes from the rendered spans (structure), never from searching the text:
 
-- a span with ``supervise`` (an assistant turn's content + end-of-turn) is labelled when its message
-  has no ``train: False`` and, under ``mask_history``, is the last assistant turn;
-- every other span is labelled only under ``train_on_prompt``.
+- a message with ``train: False`` is never labelled, not even under ``train_on_prompt``;
+- a span with ``supervise`` (an assistant turn's content + end-of-turn) is labelled unless
+  ``mask_history`` is set and its message is not the last assistant turn;
+- every other span (prompt, role headers, history bodies under mask_history) is labelled only under
+  ``train_on_prompt``.
 
 A message's ``weight`` becomes the per-token loss weight of its labelled tokens (1.0 for prompt tokens).
 """
@@ -23,10 +25,9 @@ from typing import Any
 from tunesmith.data.encode import encode_batch
 from tunesmith.data.packing import IGNORE_INDEX
 from tunesmith.data.preprocess_fit import Codec, Fitted, Truncation, Unit, fit, gather
-from tunesmith.data.templates import Template, render
+from tunesmith.data.templates import AutoTemplate, Template, render
 from tunesmith.data.types import Encoded, Message, Rendered, Row
 from tunesmith.errors import DataError
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,16 +65,30 @@ class Batch:
 
 
 def _render(
-    template: Template, enable_thinking: bool | None, messages: list[Message], tools: str, add_generation_prompt: bool
+    template: Template | AutoTemplate,
+    enable_thinking: bool | None,
+    messages: list[Message],
+    tools: str,
+    add_generation_prompt: bool,
 ) -> Rendered:
-    return render(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                  enable_thinking=enable_thinking)
+    return render(
+        template,
+        messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking,
+    )
 
 
-def codec_for(template: Template, tokenizer: Any, enable_thinking: bool | None = None) -> Codec:
+def codec_for(
+    template: Template | AutoTemplate, tokenizer: Any, enable_thinking: bool | None = None
+) -> Codec:
     """The codec (renderer + one-call batch encoder) of a chat template and a tokenizer; picklable."""
-    return Codec(render=partial(_render, template, enable_thinking), encode=partial(encode_batch, tokenizer),
-                 tokenizer=tokenizer)
+    return Codec(
+        render=partial(_render, template, enable_thinking),
+        encode=partial(encode_batch, tokenizer),
+        tokenizer=tokenizer,
+    )
 
 
 def _span_labels(
@@ -82,10 +97,12 @@ def _span_labels(
     """Labels and loss weights of every token of one encoded conversation."""
     flags: list[tuple[bool, float]] = []
     for span in enc.spans:
-        if span.supervise and span.message >= 0:
-            m = conv[span.message]
-            on = m.get("train", True) and (not masking.mask_history or span.message == target)
-            flags.append((bool(on), float(m.get("weight", 1.0)) if on else 0.0))
+        m = conv[span.message] if span.message >= 0 else None
+        if m is not None and m.get("train", True) is False:
+            flags.append((False, 0.0))  # header and body: the renderer marks such a body unsupervised
+        elif span.supervise and m is not None:
+            on = not masking.mask_history or span.message == target
+            flags.append((on, float(m.get("weight", 1.0)) if on else 0.0))
         else:
             flags.append((masking.train_on_prompt, 1.0 if masking.train_on_prompt else 0.0))
     ids, ts = enc.input_ids, enc.token_span
@@ -133,15 +150,22 @@ def _split_last(row: Row, stage: str) -> Unit:
     if not msgs or msgs[-1]["role"] != "assistant":
         last = msgs[-1]["role"] if msgs else "no messages"
         raise DataError(
-            row.get("source", "?"), f"a {stage} row must end with an assistant turn, got {last!r}",
-            field="messages", fix="check the dataset's columns/tags mapping in dataset_info.json",
+            row.get("source", "?"),
+            f"a {stage} row must end with an assistant turn, got {last!r}",
+            field="messages",
+            fix="check the dataset's columns/tags mapping in dataset_info.json",
         )
     return Unit(prompt=list(msgs[:-1]), responses=(msgs[-1],), tools=row.get("tools", ""))
 
 
 def sft_batch(
-    rows: list[Row], *, codec: Codec, cutoff_len: int, masking: MaskingPolicy = MaskingPolicy(),
-    truncation: Truncation = "keep_response", with_weights: bool | None = None,
+    rows: list[Row],
+    *,
+    codec: Codec,
+    cutoff_len: int,
+    masking: MaskingPolicy = MaskingPolicy(),
+    truncation: Truncation = "keep_response",
+    with_weights: bool | None = None,
 ) -> Batch:
     """sft rows -> input_ids, labels (+ weights: forced by with_weights, else when some weight != 1)."""
     units = [_split_last(r, "sft") for r in rows]
@@ -169,7 +193,11 @@ def sft_batch(
 
 
 def pairwise_batch(
-    rows: list[Row], *, codec: Codec, cutoff_len: int, masking: MaskingPolicy = MaskingPolicy(mask_history=True),
+    rows: list[Row],
+    *,
+    codec: Codec,
+    cutoff_len: int,
+    masking: MaskingPolicy = MaskingPolicy(mask_history=True),
     truncation: Truncation = "keep_response",
 ) -> Batch:
     """rm/dpo rows -> chosen_/rejected_ input_ids and labels over one shared (equally cut) prompt.
@@ -180,9 +208,16 @@ def pairwise_batch(
     units = []
     for r in rows:
         if "chosen" not in r or "rejected" not in r:
-            raise DataError(r.get("source", "?"), "a ranking row needs both chosen and rejected", field="chosen")
-        units.append(Unit(prompt=list(r.get("messages", [])), responses=(r["chosen"], r["rejected"]),
-                          tools=r.get("tools", "")))
+            raise DataError(
+                r.get("source", "?"), "a ranking row needs both chosen and rejected", field="chosen"
+            )
+        units.append(
+            Unit(
+                prompt=list(r.get("messages", [])),
+                responses=(r["chosen"], r["rejected"]),
+                tools=r.get("tools", ""),
+            )
+        )
     names = ("chosen", "rejected")
     cols: dict[str, list[Any]] = {f"{s}_{c}": [] for s in names for c in ("input_ids", "labels")}
     stats = []
@@ -203,14 +238,22 @@ def pairwise_batch(
 
 
 def kto_batch(
-    rows: list[Row], *, codec: Codec, cutoff_len: int, masking: MaskingPolicy = MaskingPolicy(mask_history=True),
+    rows: list[Row],
+    *,
+    codec: Codec,
+    cutoff_len: int,
+    masking: MaskingPolicy = MaskingPolicy(mask_history=True),
     truncation: Truncation = "keep_response",
 ) -> Batch:
     """kto rows -> input_ids, labels, kto_tag (True: desirable). KL pairs are the collator's concern."""
     for r in rows:
         if not isinstance(r.get("kto_tag"), bool):
-            raise DataError(r.get("source", "?"), "a kto row needs a boolean kto_tag", field="kto_tag",
-                            expected="true (desirable) or false")
+            raise DataError(
+                r.get("source", "?"),
+                "a kto row needs a boolean kto_tag",
+                field="kto_tag",
+                expected="true (desirable) or false",
+            )
     units = [_split_last(r, "kto") for r in rows]
     cols: dict[str, list[Any]] = {"input_ids": [], "labels": [], "kto_tag": []}
     stats = []
@@ -251,8 +294,12 @@ def prompt_batch(
     for r in rows:
         clash = set(r.get("extra", {})) & set(PROMPT_COLUMNS)
         if clash:
-            raise DataError(r.get("source", "?"), f"extra column {sorted(clash)[0]!r} clashes with an output column",
-                            field=sorted(clash)[0], fix="rename that column in the data or dataset_info.json")
+            raise DataError(
+                r.get("source", "?"),
+                f"extra column {sorted(clash)[0]!r} clashes with an output column",
+                field=sorted(clash)[0],
+                fix="rename that column in the data or dataset_info.json",
+            )
     cols: dict[str, list[Any]] = {c: [] for c in (*PROMPT_COLUMNS, *extra_keys)}
     stats, decode = [], []
     for row, label, f in zip(rows, labels, fit(units, codec, cutoff_len, truncation)):
@@ -287,9 +334,15 @@ def pt_batch(
     """
     eos_id = _token_id(tokenizer, eos, "eos")
     bos_ids = [_token_id(tokenizer, bos, "bos")] if bos else []
-    docs = [bos_ids + ids + [eos_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    stats = [RowStats("", 0, len(d), len(d), truncated=packing and len(d) > cutoff_len,
-                      supervised_tokens=len(d) - 1) for d in docs]
+    # The Rust backend directly: no per-call Python overhead and no "longer than model_max_length" warning.
+    encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    docs = [bos_ids + e.ids + [eos_id] for e in encoded]
+    stats = [
+        RowStats(
+            "", 0, len(d), len(d), truncated=packing and len(d) > cutoff_len, supervised_tokens=len(d) - 1
+        )
+        for d in docs
+    ]
     if packing:
         blocks = [d[i : i + cutoff_len] for d in docs for i in range(0, len(d), cutoff_len)]
     else:
@@ -301,14 +354,25 @@ def pt_batch(
 def _token_id(tokenizer: Any, token: str, what: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or tid == tokenizer.unk_token_id:
-        raise DataError("tokenizer", f"{what} token {token!r} is not in the tokenizer's vocabulary",
-                        field=what, fix="set the template's eos/bos to a token of this tokenizer")
+        raise DataError(
+            "tokenizer",
+            f"{what} token {token!r} is not in the tokenizer's vocabulary",
+            field=what,
+            fix="set the template's eos/bos to a token of this tokenizer",
+        )
     return tid
 
 
 def kind_kwargs(
-    kind: str, *, tokenizer: Any, template: Template, cutoff_len: int, train_on_prompt: bool = False,
-    mask_history: bool = False, truncation: Truncation = "keep_response", enable_thinking: bool | None = None,
+    kind: str,
+    *,
+    tokenizer: Any,
+    template: Template | AutoTemplate,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+    truncation: Truncation = "keep_response",
+    enable_thinking: bool | None = None,
     packing: bool = False,
 ) -> dict[str, Any]:
     """The (picklable) keyword arguments run_kind needs for a kind of preprocessing.
@@ -317,9 +381,17 @@ def kind_kwargs(
     context there, not targets.
     """
     if kind == "pt":
-        return {"tokenizer": tokenizer, "cutoff_len": cutoff_len, "eos": tokenizer.eos_token, "packing": packing}
-    out: dict[str, Any] = {"codec": codec_for(template, tokenizer, enable_thinking), "cutoff_len": cutoff_len,
-                           "truncation": truncation}
+        return {
+            "tokenizer": tokenizer,
+            "cutoff_len": cutoff_len,
+            "eos": tokenizer.eos_token,
+            "packing": packing,
+        }
+    out: dict[str, Any] = {
+        "codec": codec_for(template, tokenizer, enable_thinking),
+        "cutoff_len": cutoff_len,
+        "truncation": truncation,
+    }
     if kind in ("sft", "pairwise", "kto"):
         out["masking"] = MaskingPolicy(train_on_prompt, mask_history or kind != "sft")
     return out

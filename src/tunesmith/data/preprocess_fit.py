@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tunesmith.data.types import Encoded, Message, Rendered
+from tunesmith.errors import TunesmithError
 
 Truncation = Literal["keep_response", "drop"]
 RenderFn = Callable[[list[Message], str, bool], Rendered]  # (messages, tools, add_generation_prompt)
@@ -146,9 +147,7 @@ class _State:
 def _encode_all(units: Sequence[Unit], prompts: Sequence[list[Message]], codec: Codec) -> list[Fitted]:
     """Render every sequence of every unit and encode them all in one call."""
     convs = [u.conversations(p) for u, p in zip(units, prompts)]
-    rendered = [
-        [codec.render(c, u.tools, not u.responses) for c in cs] for u, cs in zip(units, convs)
-    ]
+    rendered = [[codec.render(c, u.tools, not u.responses) for c in cs] for u, cs in zip(units, convs)]
     flat = codec.encode([r for rs in rendered for r in rs])
     out, at = [], 0
     for cs, rs in zip(convs, rendered):
@@ -172,6 +171,8 @@ def _budgets(f: Fitted, n_prompt: int, floor: int, cutoff: int) -> tuple[list[in
 
 def fit(units: Sequence[Unit], codec: Codec, cutoff_len: int, truncation: Truncation) -> list[Fitted]:
     """Encode units (one encode call) and fit each into cutoff_len by the module's policy."""
+    if cutoff_len < 1:
+        raise TunesmithError(f"cutoff_len must be at least 1, got {cutoff_len}; set cutoff_len in the config")
     fitted = _encode_all(units, [u.prompt for u in units], codec)
     for u, f in zip(units, fitted):
         ps, rs = _measure(f, len(u.prompt))
@@ -189,8 +190,13 @@ def fit(units: Sequence[Unit], codec: Codec, cutoff_len: int, truncation: Trunca
             break
         refit = _encode_all([units[i] for i in todo], [states[i].prompt for i in todo], codec)
         for i, f in zip(todo, refit):
-            fitted[i].conversations, fitted[i].rendered, fitted[i].encoded = f.conversations, f.rendered, f.encoded
-            fitted[i].truncated = True
+            old = fitted[i]
+            old.conversations, old.rendered, old.encoded, old.truncated = (
+                f.conversations,
+                f.rendered,
+                f.encoded,
+                True,
+            )
     for i in long:
         _slice(fitted[i], len(states[i].prompt), states[i].floor, cutoff_len)
     return fitted
@@ -225,11 +231,14 @@ def _plan_round(fitted: list[Fitted], states: dict[int, _State], codec: Codec, c
         elif dropped:
             todo.append(i)
     if cuts:
-        offsets = codec.tokenizer([h for _, _, h in cuts], add_special_tokens=False, return_offsets_mapping=True)
+        offsets = codec.tokenizer(
+            [h for _, _, h in cuts], add_special_tokens=False, return_offsets_mapping=True
+        )
         for (i, u, head), offs in zip(cuts, offsets["offset_mapping"]):
             st = states[i]
             content, k = st.prompt[u]["content"], st.cut_tokens
-            if k + 1 < len(offs):  # not the head's last token: a word cut by the head may tokenize differently
+            # not the head's last token: a word cut short by the head may tokenize differently
+            if k + 1 < len(offs):
                 at = offs[k][0]
             else:  # the head is too short: cut it all, the next round measures again
                 at = len(content) if len(head) == len(content) else len(head)

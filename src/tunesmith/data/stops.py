@@ -8,7 +8,11 @@ from typing import Any
 def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
     """Ids of the template's stop words (each must be a single token) and the tokenizer's EOS, deduplicated."""
     ids: list[int] = []
-    words = [*getattr(template, "stop_words", ()), getattr(template, "eos", "") or "", tokenizer.eos_token or ""]
+    words = [
+        *getattr(template, "stop_words", ()),
+        getattr(template, "eos", "") or "",
+        tokenizer.eos_token or "",
+    ]
     for word in words:
         if not word:
             continue

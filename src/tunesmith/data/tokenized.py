@@ -9,8 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-INT_COLUMNS = ("input_ids", "labels", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
-               "rejected_labels", "position_ids")
+INT_COLUMNS = (
+    "input_ids",
+    "labels",
+    "chosen_input_ids",
+    "chosen_labels",
+    "rejected_input_ids",
+    "rejected_labels",
+    "position_ids",
+)
 
 
 def write_part(path: Path, columns: dict[str, list[Any]]) -> int:
@@ -36,7 +43,8 @@ class TokenDataset:
     def __init__(self, parts: list[Path]) -> None:
         tables = [pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all() for p in parts]
         tables = [t for t in tables if t.num_rows]
-        self.table = pa.concat_tables(tables) if tables else pa.table({})
+        # promote: the optional `weights` column exists only in parts where some weight != 1 (nulls elsewhere)
+        self.table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
         self.parts = parts
 
     def __len__(self) -> int:
@@ -55,8 +63,9 @@ class TokenDataset:
         """Token length of every row (for packing, length grouping and statistics)."""
         if column not in self.table.column_names:
             return np.zeros(len(self), dtype=np.int64)
-        return np.asarray(pc.list_value_length(self.table.column(column)).to_numpy(zero_copy_only=False),
-                          dtype=np.int64)
+        return np.asarray(
+            pc.list_value_length(self.table.column(column)).to_numpy(zero_copy_only=False), dtype=np.int64
+        )
 
     def supervised_tokens(self, column: str = "labels") -> int:
         """Tokens that carry a loss term (label != -100, the first token of a row excluded)."""

@@ -42,8 +42,10 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
             log.info("resume_from_checkpoint: auto found no checkpoint in %s; starting fresh", output_dir)
         return last
     if not Path(value).is_dir():
-        raise TunesmithError(f"resume_from_checkpoint: {value!r} is not a folder; give a checkpoint-N folder "
-                             f"or 'auto' for the newest one in output_dir")
+        raise TunesmithError(
+            f"resume_from_checkpoint: {value!r} is not a folder; give a checkpoint-N folder "
+            f"or 'auto' for the newest one in output_dir"
+        )
     return value
 
 
@@ -69,7 +71,10 @@ def _precision(cfg: Config) -> tuple[str, dict[str, bool]]:
     else:
         name = cfg.model.dtype
     dtype = resolve_dtype(name, cuda=torch.cuda.is_available())
-    return str(dtype).removeprefix("torch."), {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    return str(dtype).removeprefix("torch."), {
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+    }
 
 
 def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) -> Any:
@@ -103,23 +108,45 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
 
     m, f = cfg.model, cfg.finetuning
     loaded = load_model(
-        require_model(cfg), dtype=dtype, attn=m.flash_attn,
+        require_model(cfg),
+        dtype=dtype,
+        attn=m.flash_attn,
         gradient_checkpointing=False if m.disable_gradient_checkpointing else None,
-        trust_remote_code=m.trust_remote_code, quantization_bit=m.quantization_bit, tokenizer=tokenizer,
+        trust_remote_code=m.trust_remote_code,
+        quantization_bit=m.quantization_bit,
+        tokenizer=tokenizer,
         resize_vocab=m.resize_vocab or bool(m.new_special_tokens),
     )
     options = TuningOptions(
-        finetuning_type=f.finetuning_type, freeze_trainable_layers=f.freeze_trainable_layers,
-        freeze_trainable_modules=f.freeze_trainable_modules, freeze_extra_modules=f.freeze_extra_modules,
-        lora_rank=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, lora_target=f.lora_target,
-        additional_target=f.additional_target, use_dora=f.use_dora, use_rslora=f.use_rslora,
-        pissa_init=f.pissa_init, pissa_iter=f.pissa_iter, adapter_name_or_path=m.adapter_name_or_path,
+        finetuning_type=f.finetuning_type,
+        freeze_trainable_layers=f.freeze_trainable_layers,
+        freeze_trainable_modules=f.freeze_trainable_modules,
+        freeze_extra_modules=f.freeze_extra_modules,
+        lora_rank=f.lora_rank,
+        lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout,
+        lora_target=f.lora_target,
+        additional_target=f.additional_target,
+        use_dora=f.use_dora,
+        use_rslora=f.use_rslora,
+        pissa_init=f.pissa_init,
+        pissa_iter=f.pissa_iter,
+        adapter_name_or_path=m.adapter_name_or_path,
         create_new_adapter=f.create_new_adapter,
     )
-    tuned = apply_tuning(loaded.model, options, quantized=bool(m.quantization_bit),
-                         train_embedding_modules=loaded.train_embedding_modules)
-    log.info("model: %s | dtype %s | attention %s | gradient checkpointing %s", require_model(cfg),
-             dtype, loaded.attn_implementation, "on" if loaded.gradient_checkpointing else "off")
+    tuned = apply_tuning(
+        loaded.model,
+        options,
+        quantized=bool(m.quantization_bit),
+        train_embedding_modules=loaded.train_embedding_modules,
+    )
+    log.info(
+        "model: %s | dtype %s | attention %s | gradient checkpointing %s",
+        require_model(cfg),
+        dtype,
+        loaded.attn_implementation,
+        "on" if loaded.gradient_checkpointing else "off",
+    )
     log.info("%s (%s)", tuned.summary, f.finetuning_type)
     return tuned
 
@@ -152,8 +179,11 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     _check_output_dir(cfg, out, resume)
 
     dtype, precision = _precision(cfg)
-    tokenizer = load_tokenizer(require_model(cfg), trust_remote_code=cfg.model.trust_remote_code,
-                               new_special_tokens=cfg.model.new_special_tokens)
+    tokenizer = load_tokenizer(
+        require_model(cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+        new_special_tokens=cfg.model.new_special_tokens,
+    )
     template = template_for(cfg, tokenizer)
     # Creating TrainingArguments sets up the process group, so rank 0 can tokenize first and the
     # other ranks then read its cache.
@@ -167,16 +197,31 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     if args.process_index == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, out)
-        manifest = start_run_manifest(out, cfg.to_flat_dict(), {c.name: c.key for c in data.prepared.converted},
-                                      tokenizer_digest(tokenizer), cfg.training.seed)
+        manifest = start_run_manifest(
+            out,
+            cfg.to_flat_dict(),
+            {c.name: c.key for c in data.prepared.converted},
+            tokenizer_digest(tokenizer),
+            cfg.training.seed,
+        )
     bundle = training_callbacks(plot_loss=cfg.training.plot_loss, total_tokens=_total_tokens(data, args))
-    collator = CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if precision["bf16"] or precision["fp16"] else 1)
+    collator = CausalLMCollator(
+        tokenizer.pad_token_id, pad_to_multiple_of=8 if precision["bf16"] or precision["fp16"] else 1
+    )
     trainer = TunesmithTrainer(
-        model=tuned.model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
-        processing_class=tokenizer, callbacks_bundle=bundle, loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
+        model=tuned.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks_bundle=bundle,
+        loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
     )
     if cfg.finetuning.early_stopping_steps:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.finetuning.early_stopping_steps))
+        trainer.add_callback(
+            EarlyStoppingCallback(early_stopping_patience=cfg.finetuning.early_stopping_steps)
+        )
     pissa_dir = out / "pissa_init"
     if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora" and args.process_index == 0:
         tuned.model.save_pretrained(pissa_dir)  # the initial adapter, for converting the result on save

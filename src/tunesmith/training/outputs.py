@@ -14,7 +14,9 @@ from tunesmith.data.template_jinja import chat_template_for
 log = logging.getLogger("tunesmith")
 
 
-def save_tokenizer_and_generation_config(out_dir: str | Path, tokenizer: Any, template: Any, model: Any) -> list[int]:
+def save_tokenizer_and_generation_config(
+    out_dir: str | Path, tokenizer: Any, template: Any, model: Any
+) -> list[int]:
     """Write the tokenizer (with our chat template) and a generation_config carrying every stop id."""
     out = Path(out_dir)
     tokenizer.chat_template = chat_template_for(template, tokenizer)

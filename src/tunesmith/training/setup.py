@@ -40,6 +40,7 @@ def data_options(cfg: Config, stage: str, *, show_progress: bool = True) -> Data
         cache_dir=d.data_cache_dir or "~/.cache/tunesmith",
         overwrite_cache=d.overwrite_cache,
         show_progress=show_progress,
+        chunk_rows=d.preprocessing_batch_size,
     )
 
 
@@ -50,8 +51,10 @@ def template_for(cfg: Config, tokenizer: Any) -> Any:
 
 def require_model(cfg: Config) -> str:
     if not cfg.model.model_name_or_path:
-        raise TunesmithError("model_name_or_path is not set: give a local folder or a hub id "
-                             "(e.g. model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct)")
+        raise TunesmithError(
+            "model_name_or_path is not set: give a local folder or a hub id "
+            "(e.g. model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct)"
+        )
     return cfg.model.model_name_or_path
 
 
@@ -67,7 +70,12 @@ class PackedDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         items = [self.base[j] for j in self.bins[i]]
-        cols = {k: [it[k] for it in items] for k in ("input_ids", "labels", "weights") if k in items[0]}
+        cols = {k: [it[k] for it in items] for k in ("input_ids", "labels")}
+        if any(it.get("weights") is not None for it in items):
+            cols["weights"] = [
+                it["weights"] if it.get("weights") is not None else [1.0] * len(it["input_ids"])
+                for it in items
+            ]
         row = packed_rows(cols, [list(range(len(items)))])
         return {k: v[0] for k, v in row.items() if k != "seq_lens"}
 
@@ -82,16 +90,24 @@ class DataBundle:
     eval: Any
 
 
-def prepare_data(cfg: Config, tokenizer: Any, template: Any, kind: str, *, is_main: bool = True) -> DataBundle:
+def prepare_data(
+    cfg: Config, tokenizer: Any, template: Any, kind: str, *, is_main: bool = True
+) -> DataBundle:
     """Tokenize (or reuse the cache) and pack when asked; packing keeps documents apart."""
     prepared = prepare(data_options(cfg, kind, show_progress=is_main), tokenizer, template)
     if len(prepared.train) == 0:
-        raise TunesmithError("no training samples left after preprocessing; run `tunesmith check` on this "
-                             "config to see why (invalid rows, truncation, samples with no supervised tokens)")
+        raise TunesmithError(
+            "no training samples left after preprocessing; run `tunesmith check` on this "
+            "config to see why (invalid rows, truncation, samples with no supervised tokens)"
+        )
     train: Any = prepared.train
     ev: Any = prepared.eval
     if cfg.data.packing:
         train = PackedDataset(prepared.train, cfg.data.cutoff_len)
-        log.info("packing: %d samples -> %d rows of up to %d tokens", len(prepared.train), len(train),
-                 cfg.data.cutoff_len)
+        log.info(
+            "packing: %d samples -> %d rows of up to %d tokens",
+            len(prepared.train),
+            len(train),
+            cfg.data.cutoff_len,
+        )
     return DataBundle(prepared, train, ev)
