@@ -188,8 +188,14 @@ def _tunesmith_child(argv: list[str]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def measure_tunesmith(dataset_dir: Path, data_file: Path, case: Case, workers: int) -> Measured:
-    """Run run_tunesmith in a child of this interpreter and measure it the same way as LLaMA-Factory."""
+def measure_tunesmith(
+    dataset_dir: Path, data_file: Path, case: Case, workers: int, threads: bool = False
+) -> Measured:
+    """Run run_tunesmith in a child of this interpreter and measure it the same way as LLaMA-Factory.
+
+    threads=True leaves TOKENIZERS_PARALLELISM unset (the tokenizers library's default: its Rust thread pool
+    may use every core inside one worker) — what a user gets out of the box; reported as its own side.
+    """
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child-tunesmith",
         "--dataset-dir", str(dataset_dir),
@@ -199,7 +205,35 @@ def measure_tunesmith(dataset_dir: Path, data_file: Path, case: Case, workers: i
         "--workers", str(workers),
         "--cutoff-len", str(CUTOFF_LEN),
     ]  # fmt: skip
-    return measure_subprocess(cmd, child_env(), cwd=REPO)
+    env = child_env()
+    if threads:
+        env.pop("TOKENIZERS_PARALLELISM")
+    return measure_subprocess(cmd, env, cwd=REPO)
+
+
+def comparison(records: list[dict]) -> list[dict]:
+    """tunesmith / LLaMA-Factory ratios per (case, workers) against the goals: >= 2x rows/s, <= memory."""
+    out = []
+    for case, workers in sorted({(r["case"], r["workers"]) for r in records}):
+        by_side = {r["side"]: r for r in records if r["case"] == case and r["workers"] == workers}
+        lf = by_side.get("llamafactory")
+        if lf is None:
+            continue
+        for side in ("tunesmith", "tunesmith-threads"):
+            ts = by_side.get(side)
+            if ts is None:
+                continue
+            speed = ts["rows_per_s"] / lf["rows_per_s"]
+            mem = ts["peak_tree_rss_mb"] / lf["peak_tree_rss_mb"]
+            out.append({
+                "case": case, "workers": workers, "side": side,
+                "rows_per_s_ratio": round(speed, 2),
+                "rows_per_cpu_s_ratio": round(ts["rows_per_cpu_s"] / lf["rows_per_cpu_s"], 2),
+                "peak_memory_ratio": round(mem, 2),
+                "goal_2x_rows_per_s": "pass" if speed >= 2 else "fail",
+                "goal_no_more_memory": "pass" if mem <= 1 else "fail",
+            })  # fmt: skip
+    return out
 
 
 def record(case: Case, side: str, workers: int, rows: int, m: Measured) -> dict:
@@ -253,7 +287,10 @@ def main(argv: list[str]) -> Path:
     p.add_argument("--rows", type=int, default=100_000, help="rows after replicating alpaca_en_demo")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, same on both sides")
     p.add_argument(
-        "--sides", nargs="+", choices=["llamafactory", "tunesmith"], default=["llamafactory", "tunesmith"]
+        "--sides",
+        nargs="+",
+        choices=["llamafactory", "tunesmith", "tunesmith-threads"],
+        default=["llamafactory", "tunesmith", "tunesmith-threads"],
     )
     p.add_argument("--cases", nargs="+", default=None, help="subset of: tiny-chatml qwen2.5-instruct")
     p.add_argument("--out", type=Path, default=None, help="results file (default bench/results/...)")
@@ -277,9 +314,11 @@ def main(argv: list[str]) -> Path:
                     if side == "llamafactory":
                         m = measure_llamafactory(lf_python, dataset_dir, case, workers)
                     else:
-                        m = measure_tunesmith(dataset_dir, data_file, case, workers)
+                        m = measure_tunesmith(
+                            dataset_dir, data_file, case, workers, side == "tunesmith-threads"
+                        )
                     load = {"loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
-                    records.append(record(case, side, workers, args.rows, m) | load)
+                    records.append(record(case, side, workers, args.rows, m) | load | {"side": side})
                     print(_summary_line(records[-1]), flush=True)
 
     versions = {"tunesmith_env": package_versions(sys.executable, TS_VERSION_NAMES)}
@@ -305,7 +344,12 @@ def main(argv: list[str]) -> Path:
         "ru_maxrss; loadavg_1m_before shows whether other work shared the machine",
         "results": records,
         "token_check": token_check(records),
+        "comparison": comparison(records),
+        "sides": "llamafactory and tunesmith run with TOKENIZERS_PARALLELISM=false (one core per worker on both "
+        "sides); tunesmith-threads leaves it unset, the library default a user gets",
     }
+    for c in report["comparison"]:
+        print(json.dumps(c))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

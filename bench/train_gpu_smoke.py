@@ -65,8 +65,13 @@ def device() -> dict:
     if not torch.cuda.is_available():
         return {"cuda": False, "platform": platform.platform()}
     p = torch.cuda.get_device_properties(0)
-    return {"cuda": True, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-            "count": torch.cuda.device_count(), "cuda_version": torch.version.cuda}
+    return {
+        "cuda": True,
+        "name": p.name,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "count": torch.cuda.device_count(),
+        "cuda_version": torch.version.cuda,
+    }
 
 
 def run_method(name: str, model: Path, data: Path, work: Path, steps: int, cutoff: int, batch: int) -> dict:
@@ -83,7 +88,12 @@ def run_method(name: str, model: Path, data: Path, work: Path, steps: int, cutof
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    result: dict = {"method": name, "overrides": overrides, "exit_code": proc.returncode, "wall_s": round(wall, 1)}
+    result: dict = {
+        "method": name,
+        "overrides": overrides,
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 1),
+    }
     if proc.returncode != 0:
         result["stderr_tail"] = proc.stderr[-4000:]
         return result
@@ -92,9 +102,12 @@ def run_method(name: str, model: Path, data: Path, work: Path, steps: int, cutof
     steady = [r for r in train if r["step"] >= 10] or train
     result.update(
         tokens_per_s_steady=round(sum(r["tokens_per_s"] for r in steady) / len(steady), 1),
-        tokens_per_s_last=train[-1]["tokens_per_s"], tokens_trained=train[-1]["tokens_seen"],
+        tokens_per_s_last=train[-1]["tokens_per_s"],
+        tokens_trained=train[-1]["tokens_seen"],
         peak_mem_gib=max(r.get("peak_mem_gib") or 0 for r in logs),
-        first_loss=train[0]["loss"], last_loss=train[-1]["loss"], steps=train[-1]["step"],
+        first_loss=train[0]["loss"],
+        last_loss=train[-1]["loss"],
+        steps=train[-1]["step"],
         note="tokens/s counts supervised (non-padding, non-prompt) tokens; averaged over logged steps >= 10",
     )
     return result
@@ -119,7 +132,10 @@ def main() -> int:
         "data": str(a.data.name), "runs": [run_method(m, model, a.data, a.work, a.steps, a.cutoff_len, a.batch)
                                            for m in a.methods],
     }  # fmt: skip
-    out = a.out or Path(__file__).parent / "results" / f"train_gpu_smoke-{results['date'].replace(':', '')}.json"
+    out = (
+        a.out
+        or Path(__file__).parent / "results" / f"train_gpu_smoke-{results['date'].replace(':', '')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     for r in results["runs"]:

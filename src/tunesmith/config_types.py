@@ -83,6 +83,15 @@ def _arms(args: tuple[Any, ...]) -> list[Any]:
     return [a for a in args if not (has_enum and a is str)]
 
 
+def _yaml_word(value: Any, choices: set) -> Any:
+    """YAML 1.1 reads `no`/`off` as false and `yes`/`on` as true; a choice field meant the word."""
+    if isinstance(value, bool):
+        for word in ("no", "off", "false") if not value else ("yes", "on", "true"):
+            if word in choices:
+                return word
+    return value
+
+
 def _coerce_one(value: Any, tp: Any, strict: bool) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -94,6 +103,7 @@ def _coerce_one(value: Any, tp: Any, strict: bool) -> Any:
     if origin in (Union, types.UnionType):
         return coerce(value, tp)
     if origin is Literal:
+        value = _yaml_word(value, set(args)) if not any(isinstance(a, bool) for a in args) else value
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
         raise Mismatch(describe(tp))
@@ -121,6 +131,7 @@ def _coerce_one(value: Any, tp: Any, strict: bool) -> Any:
             return str(value)
         raise Mismatch("a string")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        value = _yaml_word(value, {m.value for m in tp})
         if isinstance(value, tp):
             return value.value
         if isinstance(value, str) and value in {m.value for m in tp}:

@@ -26,7 +26,7 @@ ISSUES: dict[str, tuple[str, ...]] = {
         "the discount code was not applied to my bill",
         "my card was declined when paying for {plan}",
         "I need a receipt for my payment of {amount}",
-        "why did the price of {plan} go up",
+        "why did the price of {plan} go up?",
         "cancel my subscription and stop billing me",
     ),
     "shipping": (
@@ -35,9 +35,9 @@ ISSUES: dict[str, tuple[str, ...]] = {
         "the {item} came in a damaged box",
         "tracking for order {order} has not moved",
         "I got the wrong item instead of the {item}",
-        "can I change the delivery address for order {order}",
+        "can I change the delivery address for order {order}?",
         "the courier lost my {item}",
-        "when will order {order} be delivered",
+        "when will order {order} be delivered?",
     ),
     "technical": (
         "the app crashes when I open {screen}",
@@ -54,7 +54,7 @@ ISSUES: dict[str, tuple[str, ...]] = {
         "please delete my account",
         "I cannot change my email address",
         "my account is locked after {days} tries",
-        "how do I add a second user to my account",
+        "how do I add a second user to my account?",
         "I want to change my username",
         "the two factor code never comes",
         "please merge my two accounts",
@@ -97,7 +97,10 @@ def make_row(rng: random.Random) -> dict[str, str]:
     issue = rng.choice(ISSUES[team]).format(**{k: rng.choice(v) for k, v in SLOTS.items()})
     cue = rng.choice(URGENT if urgent else NORMAL)
     closer = rng.choice(CLOSERS).format(name=rng.choice(NAMES))
-    ticket = " ".join(p for p in (rng.choice(OPENERS), issue[0].upper() + issue[1:] + ".", cue, closer) if p)
+    opener = rng.choice(OPENERS)
+    # After "Hi," the sentence goes on in lower case; without a greeting it starts the ticket.
+    sentence = (issue if opener else issue[0].upper() + issue[1:]) + ("" if issue.endswith("?") else ".")
+    ticket = " ".join(p for p in (opener, sentence, cue, closer) if p)
     return {
         "instruction": INSTRUCTION,
         "input": ticket,

@@ -163,8 +163,8 @@ def test_new_tokens_grow_embeddings_with_mean_rows(tiny_model_dir):
     emb = loaded.model.get_input_embeddings().weight.detach()
     head = loaded.model.get_output_embeddings().weight.detach()
     assert loaded.embeddings_resized
-    assert emb.shape[0] == head.shape[0] == 2112  # 2050 padded to a multiple of 64
-    assert loaded.model.config.vocab_size == 2112
+    assert emb.shape[0] == head.shape[0] == 2050  # exactly len(tokenizer), as peft expects
+    assert loaded.model.config.vocab_size == 2050
     assert torch.equal(emb[:2048], base)
     new = emb[2048:]
     # Sampled around the old mean with the old covariance: close to the mean, not zero, not a copy.

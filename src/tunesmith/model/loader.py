@@ -159,7 +159,7 @@ def load_model(
     """Load a causal LM for training, resolving every `auto` choice (see `LoadedModel`).
 
     tokenizer: when it has more tokens than the model has embedding rows, the embeddings grow (new rows
-    from the old rows' mean and covariance, transformers' `mean_resizing`) to a multiple of 64.
+    from the old rows' mean and covariance, transformers' `mean_resizing`) to exactly len(tokenizer).
     resize_vocab: the tokenizer gained tokens (LLaMA-Factory's key; set it whenever new_special_tokens
     were added), so the embeddings and head must be trained even when no rows had to be added.
     gradient_checkpointing: None means on with a GPU, off on CPU.
@@ -190,7 +190,8 @@ def load_model(
     resized = tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]
     if resized:
         old_rows = model.get_input_embeddings().weight.shape[0]
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        # exactly len(tokenizer): peft's AutoPeftModel resizes the base to that size before loading saved embeddings
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         logger.info(
             "resized embeddings from %d to %d rows", old_rows, model.get_input_embeddings().weight.shape[0]
         )

@@ -49,12 +49,39 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
     return value
 
 
-def _check_output_dir(cfg: Config, out: Path, resume: str | None) -> None:
-    if out.is_dir() and any(out.iterdir()) and not resume and not cfg.training.overwrite_output_dir:
+# What a previous run leaves in output_dir. With overwrite_output_dir these go first, so that e.g. a
+# LoRA run over an earlier full run does not leave a stale model.safetensors beside the new adapter.
+# Only these names are removed: output_dir may hold the user's own files.
+_RUN_OUTPUTS = (
+    "checkpoint-*",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "adapter_model.*",
+    "adapter_config.json",
+    "pissa_init",
+    "trainer_log.jsonl",
+    "training_*.png",
+    "trainer_state.json",
+    "all_results.json",
+    "run.json",
+    "watchdog_batch_step*.pt",
+)
+
+
+def _check_output_dir(cfg: Config, out: Path, resume: str | None, is_main: bool) -> None:
+    if not out.is_dir() or not any(out.iterdir()) or resume:
+        return
+    if not cfg.training.overwrite_output_dir:
         raise TunesmithError(
             f"output_dir {str(out)!r} is not empty. Set overwrite_output_dir: true to write into it, "
             f"resume_from_checkpoint: auto to continue its newest checkpoint, or choose another output_dir"
         )
+    import shutil
+
+    for pattern in _RUN_OUTPUTS if is_main else ():
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _precision(cfg: Config) -> tuple[str, dict[str, bool]]:
@@ -176,7 +203,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
     out = Path(cfg.training.output_dir)
     resume = resolve_resume(cfg.training.resume_from_checkpoint, out)
-    _check_output_dir(cfg, out, resume)
+    _check_output_dir(cfg, out, resume, is_main=launch.rank == 0)
 
     dtype, precision = _precision(cfg)
     tokenizer = load_tokenizer(
