@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from tunesmith.plotting import PlotLossCallback, plot_losses
+from tunesmith.progress import TokenProgressCallback
 from tunesmith.train_log import TrainLogCallback, count_trained_tokens
 from tunesmith.watchdog import LossWatchdog
 
@@ -40,18 +41,29 @@ class TrainCallbacks:
     log: TrainLogCallback
     watchdog: LossWatchdog
     plot: PlotLossCallback | None
+    progress: TokenProgressCallback | None = None
+
+    def add_tokens(self, n: int) -> None:
+        """Count one micro-batch's trained tokens in the log and the progress bar."""
+        self.log.add_tokens(n)
+        if self.progress is not None:
+            self.progress.add_tokens(n)
 
     def as_list(self) -> list[TrainerCallback]:
         """For ``Trainer(callbacks=...)``."""
-        return [cb for cb in (self.log, self.watchdog, self.plot) if cb is not None]
+        return [cb for cb in (self.log, self.watchdog, self.plot, self.progress) if cb is not None]
 
 
 def training_callbacks(
-    plot_loss: bool = True, total_tokens: int | None = None, zero_loss_patience: int = 3
+    plot_loss: bool = True,
+    total_tokens: int | None = None,
+    zero_loss_patience: int = 3,
+    progress_bar: bool = False,
 ) -> TrainCallbacks:
     """Build the standard callbacks; ``total_tokens`` (trained tokens of the whole run) enables a token ETA."""
     return TrainCallbacks(
         log=TrainLogCallback(total_tokens=total_tokens),
         watchdog=LossWatchdog(zero_patience=zero_loss_patience),
         plot=PlotLossCallback() if plot_loss else None,
+        progress=TokenProgressCallback(total_tokens) if progress_bar else None,
     )

@@ -110,10 +110,11 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
     kw = cfg.training.hf_kwargs()
     kw.update(precision)
     kw["remove_unused_columns"] = False  # our collator needs every column it was given
-    kw["gradient_checkpointing"] = False  # the loader has already set it up (non-reentrant)
     kw.setdefault("report_to", "none")
     kw.setdefault("logging_steps", 10)
     kw.setdefault("logging_first_step", True)
+    # our token progress bar replaces HF's step bar (HF's own bar comes back with disable_tqdm: false)
+    kw.setdefault("disable_tqdm", True)
     kw["resume_from_checkpoint"] = None  # passed to train() after resolving "auto"
     if has_eval:
         kw.setdefault("eval_strategy", "epoch")
@@ -174,7 +175,6 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         loaded.attn_implementation,
         "on" if loaded.gradient_checkpointing else "off",
     )
-    log.info("%s (%s)", tuned.summary, f.finetuning_type)
     return tuned
 
 
@@ -231,7 +231,11 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
             tokenizer_digest(tokenizer),
             cfg.training.seed,
         )
-    bundle = training_callbacks(plot_loss=cfg.training.plot_loss, total_tokens=_total_tokens(data, args))
+    bundle = training_callbacks(
+        plot_loss=cfg.training.plot_loss,
+        total_tokens=_total_tokens(data, args),
+        progress_bar=args.disable_tqdm,
+    )
     collator = CausalLMCollator(
         tokenizer.pad_token_id, pad_to_multiple_of=8 if precision["bf16"] or precision["fp16"] else 1
     )

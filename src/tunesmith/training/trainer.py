@@ -36,7 +36,7 @@ class TunesmithTrainer(Trainer):
     ) -> torch.Tensor:
         tokens = count_supervised(inputs["labels"])
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.bundle.log.add_tokens(tokens)
+        self.bundle.add_tokens(tokens)
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
 
