@@ -186,3 +186,29 @@ def test_check_reuses_cache_on_second_run(capsys, tmp_path, lf_data):
     assert run_cli(capsys, *args)[0] == 0
     code, out, err = run_cli(capsys, *args)
     assert code == 0 and "data cache: reused" in out and "reusing tokenized data from cache" in err
+
+
+def test_default_system_replaces_the_templates(capsys, tmp_path):
+    path = _write(tmp_path / "d.jsonl", '{"instruction": "q", "output": "a"}\n')
+    code, out, _ = run_cli(
+        capsys,
+        "check",
+        f"model_name_or_path={TINY}",
+        f"dataset={path}",
+        "template=qwen",
+        "default_system=You route tickets.",
+    )
+    assert code == 0 and "<|im_start|>system\nYou route tickets.<|im_end|>" in out
+
+
+def test_keys_of_later_commands_are_warned_not_ignored(capsys, tmp_path):
+    path = _write(tmp_path / "d.jsonl", '{"instruction": "q", "output": "a"}\n')
+    code, out, _ = run_cli(
+        capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "temperature=0.3"
+    )
+    assert code == 0 and "temperature are for tunesmith chat/predict/api" in out
+
+
+def test_streaming_is_refused_as_unsupported(capsys):
+    code, _, err = run_cli(capsys, "check", f"model_name_or_path={TINY}", "dataset=x", "streaming=true")
+    assert code == 2 and "streaming" in err and "not supported by tunesmith yet" in err

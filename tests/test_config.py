@@ -210,7 +210,7 @@ def test_lora_keys_with_full_finetuning_warn_only(tmp_path: Path) -> None:
         (["do_train=true", "dataset=a", "model_name_or_path=m", "output_dir=o", "eval_strategy=steps"],
          "eval_strategy", "needs evaluation data"),
         (["do_train=true", "dataset=a", "model_name_or_path=m", "output_dir=o", "streaming=true"],
-         "streaming", "max_steps"),
+         "streaming", "not supported by tunesmith yet"),
         (["do_train=true", "dataset=a", "model_name_or_path=m"], "output_dir", "output folder"),
         (["val_size=2.5"], "val_size", "must be whole"),
         (["neat_packing=true", "packing=false"], "packing", "neat_packing"),

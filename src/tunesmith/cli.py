@@ -56,7 +56,10 @@ def cmd_train(argv: list[str]) -> int:
     if code is not None:
         return code
     path, overrides = _config_args(argv, "train")
-    run(load_config(path, overrides))
+    cfg = load_config(path, overrides)
+    for warning in cfg.warnings:
+        print(f"tunesmith train: warning: {warning}", file=sys.stderr)
+    run(cfg)
     return 0
 
 

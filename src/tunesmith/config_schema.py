@@ -63,10 +63,6 @@ class DataArgs:
     neat_packing: bool = opt(False, "Pack without cross-attention between packed samples.")
     train_on_prompt: bool = opt(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = opt(False, "Train only on the last assistant turn of each conversation.")
-    tokenized_path: str | None = opt(None, "Save tokenized data here, or load it from here if present.")
-    streaming: bool = opt(False, "Stream datasets instead of loading them fully (needs max_steps).")
-    buffer_size: int = opt(16384, "Shuffle buffer size in streaming mode.", ge=1)
-    tool_format: str | None = opt(None, "Tool-call format of the template (default: the template's).")
     default_system: str | None = opt(None, "System prompt for samples that have none.")
     enable_thinking: bool | None = opt(None, "Reasoning models: thinking on/off (None: template default).")
     bad_rows: Literal["skip", "fail"] = opt("skip", "Invalid rows: skip them with a summary, or fail.")
@@ -245,6 +241,7 @@ GROUPS: dict[str, type] = {
 # LLaMA-Factory keys a user may carry over that tunesmith does not implement (yet). They fail with
 # "not supported by tunesmith yet" instead of "unknown key", so the user knows the key is real.
 _UNSUPPORTED_WORDS = """
+tokenized_path streaming buffer_size tool_format
 adapter_folder use_fast_tokenizer  split_special_tokens add_tokens add_special_tokens
  low_cpu_mem_usage rope_scaling shift_attn mixture_of_depths use_unsloth use_unsloth_gc
 enable_liger_kernel moe_aux_loss_coef  use_reentrant_gc upcast_layernorm

@@ -7,6 +7,7 @@ and says so.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import sys
@@ -125,9 +126,16 @@ def _rows_for(plan: np.ndarray) -> list[dict]:
 
 def _process_chunk(job: tuple[int, np.ndarray, str]) -> dict[str, Any]:
     chunk_id, plan, out_dir = job
-    rows = _rows_for(plan)
-    columns, stats = pp.run_kind(_WORKER["kind"], rows, **_WORKER["kwargs"])
-    n = write_part(Path(out_dir) / f"part-{chunk_id:06d}.arrow", columns)
+    # Millions of small int objects and no reference cycles: the cyclic GC's passes only cost time (~8%).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        rows = _rows_for(plan)
+        columns, stats = pp.run_kind(_WORKER["kind"], rows, **_WORKER["kwargs"])
+        n = write_part(Path(out_dir) / f"part-{chunk_id:06d}.arrow", columns)
+    finally:
+        if enabled:
+            gc.enable()
     return {"chunk": chunk_id, "rows_in": len(rows), "rows_out": n, "stats": stats}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def write_part(path: Path, columns: dict[str, list[Any]]) -> int:
     arrays, names = [], []
     for name, values in columns.items():
         if name in INT_COLUMNS:
-            arrays.append(pa.array(values, pa.list_(pa.int32())))
+            arrays.append(_int_lists(values))
         elif name == "weights":
             arrays.append(pa.array(values, pa.list_(pa.float32())))
         else:
@@ -35,6 +36,15 @@ def write_part(path: Path, columns: dict[str, list[Any]]) -> int:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return table.num_rows
+
+
+def _int_lists(rows: list[list[int]]) -> pa.Array:
+    """list<int32> from Python lists via one flat buffer and offsets (much cheaper than row by row)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 class TokenDataset:

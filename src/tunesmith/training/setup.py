@@ -45,8 +45,20 @@ def data_options(cfg: Config, stage: str, *, show_progress: bool = True) -> Data
 
 
 def template_for(cfg: Config, tokenizer: Any) -> Any:
-    """The configured template (default `auto`: the tokenizer's own chat template)."""
-    return resolve_template(cfg.model.template or "auto", tokenizer)
+    """The configured template (default `auto`: the tokenizer's own chat template), with `default_system`."""
+    from dataclasses import replace
+
+    from tunesmith.data.templates import AutoTemplate
+
+    template = resolve_template(cfg.model.template or "auto", tokenizer)
+    if cfg.data.default_system is not None:
+        if isinstance(template, AutoTemplate):
+            raise TunesmithError(
+                "default_system needs a named template (template: auto renders the tokenizer's "
+                "own system prompt); set template to a name, e.g. template: qwen"
+            )
+        template = replace(template, default_system=cfg.data.default_system)
+    return template
 
 
 def require_model(cfg: Config) -> str:
