@@ -88,6 +88,9 @@ def fill(fmt: str, **values: str) -> str:
     Not str.format: template text and schema JSON are full of literal braces, and one pass means a
     value that itself contains ``{content}`` is never expanded again.
     """
+    if len(values) == 1:  # the common case; str.replace is one pass too (inserted text is not rescanned)
+        ((key, value),) = values.items()
+        return fmt.replace("{" + key + "}", value)
     pattern = re.compile("|".join(re.escape("{" + key + "}") for key in values))
     return pattern.sub(lambda m: values[m.group(0)[1:-1]], fmt)
 
