@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -168,13 +169,34 @@ def sft_batch(
     with_weights: bool | None = None,
 ) -> Batch:
     """sft rows -> input_ids, labels (+ weights: forced by with_weights, else when some weight != 1)."""
-    units = [_split_last(r, "sft") for r in rows]
     if with_weights is None:
         with_weights = any(m.get("weight", 1.0) != 1.0 for r in rows for m in r["messages"])
     cols: dict[str, list[Any]] = {"input_ids": [], "labels": []}
     if with_weights:
         cols["weights"] = []
-    stats = []
+    stats: list[RowStats] = []
+    for _, ids, labels, weights in _single_response(
+        rows, "sft", codec, cutoff_len, truncation, masking, stats
+    ):
+        cols["input_ids"].append(ids)
+        cols["labels"].append(labels)
+        if with_weights:
+            cols["weights"].append(weights)
+    return Batch(cols, stats)
+
+
+def _single_response(
+    rows: list[Row],
+    stage: str,
+    codec: Codec,
+    cutoff_len: int,
+    truncation: Truncation,
+    masking: MaskingPolicy,
+    stats: list[RowStats],
+) -> Iterator[tuple[Row, list[int], list[int], list[float]]]:
+    """Fit and label rows that end with one response (sft, kto); yields the kept ones, appends every
+    row's stats (dropped rows with their reason) to `stats`."""
+    units = [_split_last(r, stage) for r in rows]
     for row, f in zip(rows, fit(units, codec, cutoff_len, truncation)):
         if f.too_long and truncation == "drop":
             stats.append(_stats(row, f, "too_long"))
@@ -184,12 +206,8 @@ def sft_batch(
         if n_sup == 0:
             stats.append(_stats(row, f, "no_supervised_tokens"))
             continue
-        cols["input_ids"].append(ids)
-        cols["labels"].append(labels)
-        if with_weights:
-            cols["weights"].append(weights)
         stats.append(_stats(row, f, None, n_sup))
-    return Batch(cols, stats)
+        yield row, ids, labels, weights
 
 
 def pairwise_batch(
@@ -254,22 +272,12 @@ def kto_batch(
                 field="kto_tag",
                 expected="true (desirable) or false",
             )
-    units = [_split_last(r, "kto") for r in rows]
     cols: dict[str, list[Any]] = {"input_ids": [], "labels": [], "kto_tag": []}
-    stats = []
-    for row, f in zip(rows, fit(units, codec, cutoff_len, truncation)):
-        if f.too_long and truncation == "drop":
-            stats.append(_stats(row, f, "too_long"))
-            continue
-        ids, labels, _ = _labelled(f, 0, masking)
-        n_sup = _supervised(labels)
-        if n_sup == 0:
-            stats.append(_stats(row, f, "no_supervised_tokens"))
-            continue
+    stats: list[RowStats] = []
+    for row, ids, labels, _ in _single_response(rows, "kto", codec, cutoff_len, truncation, masking, stats):
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["kto_tag"].append(row["kto_tag"])
-        stats.append(_stats(row, f, None, n_sup))
     return Batch(cols, stats)
 
 
