@@ -72,12 +72,8 @@ def _lengths_table(stats: SplitStats) -> list[str]:
 def _eos_missing(prepared: Prepared, stops: list[int]) -> tuple[int, int]:
     """Rows whose last supervised token is not a stop token, of the rows scanned."""
     table = prepared.train.table
-    pairs = (
-        [("chosen_input_ids", "chosen_labels")]
-        if "chosen_labels" in table.column_names
-        else [("input_ids", "labels")]
-    )
-    ids_col, lab_col = pairs[0]
+    pairwise = "chosen_labels" in table.column_names  # rm/dpo: check the chosen responses
+    ids_col, lab_col = ("chosen_input_ids", "chosen_labels") if pairwise else ("input_ids", "labels")
     if lab_col not in table.column_names:
         return 0, 0
     n = min(len(prepared.train), _EOS_SCAN_ROWS)
@@ -150,11 +146,12 @@ def run_check(cfg: Config, out: TextIO | None = None, colour: bool | None = None
         say(f"  eval rows: {prepared.eval_stats.rows_out}")
 
     if kind in ("sft", "kto", "pairwise"):
-        missing, scanned = _eos_missing(prepared, stop_token_ids(tokenizer, template))
+        stops = stop_token_ids(tokenizer, template)
+        missing, scanned = _eos_missing(prepared, stops)
         if missing:
             report.warnings.append(
                 f"{missing} of {scanned} training targets do not end with a stop token "
-                f"({[tokenizer.decode([t]) for t in stop_token_ids(tokenizer, template)]}): the model will not "
+                f"({[tokenizer.decode([t]) for t in stops]}): the model will not "
                 f"learn to stop on them (truncated responses? raise cutoff_len or use truncation: drop)"
             )
     if kind != "pt" and not isinstance(template, AutoTemplate) and tokenizer.chat_template:

@@ -67,8 +67,3 @@ class CausalLMCollator:
             ]
             batch["loss_weights"] = _pad(w, 0.0, length, torch.float32)
         return batch
-
-
-def count_supervised(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss term (the label of position t is predicted from position t-1)."""
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
-import os
 import sys
 import time
 from collections import Counter
@@ -352,7 +351,3 @@ def _from_cache(path: Path, converted: list[Converted], key: str, t0: float, reu
         ev = TokenDataset(sorted((path / "eval").glob("part-*.arrow")))
         ev_stats = _load_stats(path / "eval_stats.arrow", meta["eval"])
     return Prepared(train, ev, converted, train_stats, ev_stats, key, reused, time.perf_counter() - t0)
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 1)))

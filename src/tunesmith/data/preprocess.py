@@ -175,9 +175,8 @@ def sft_batch(
     if with_weights:
         cols["weights"] = []
     stats: list[RowStats] = []
-    for _, ids, labels, weights in _single_response(
-        rows, "sft", codec, cutoff_len, truncation, masking, stats
-    ):
+    units = [_split_last(r, "sft") for r in rows]
+    for _, [(ids, labels, weights)] in _fitted(rows, units, codec, cutoff_len, truncation, masking, stats):
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         if with_weights:
@@ -185,29 +184,29 @@ def sft_batch(
     return Batch(cols, stats)
 
 
-def _single_response(
+def _fitted(
     rows: list[Row],
-    stage: str,
+    units: list[Unit],
     codec: Codec,
     cutoff_len: int,
     truncation: Truncation,
     masking: MaskingPolicy,
     stats: list[RowStats],
-) -> Iterator[tuple[Row, list[int], list[int], list[float]]]:
-    """Fit and label rows that end with one response (sft, kto); yields the kept ones, appends every
-    row's stats (dropped rows with their reason) to `stats`."""
-    units = [_split_last(r, stage) for r in rows]
+) -> Iterator[tuple[Row, list[tuple[list[int], list[int], list[float]]]]]:
+    """Fit and label rows; yields each kept row with (ids, labels, weights) per response and appends every
+    row's stats to `stats`. A row is dropped when too long (drop mode) or when any response is left with
+    no supervised token; its stats count the response with fewest."""
     for row, f in zip(rows, fit(units, codec, cutoff_len, truncation)):
         if f.too_long and truncation == "drop":
             stats.append(_stats(row, f, "too_long"))
             continue
-        ids, labels, weights = _labelled(f, 0, masking)
-        n_sup = _supervised(labels)
+        sides = [_labelled(f, g, masking) for g in range(len(f.encoded))]
+        n_sup = min(_supervised(labels) for _, labels, _ in sides)
         if n_sup == 0:
             stats.append(_stats(row, f, "no_supervised_tokens"))
             continue
         stats.append(_stats(row, f, None, n_sup))
-        yield row, ids, labels, weights
+        yield row, sides
 
 
 def pairwise_batch(
@@ -238,20 +237,11 @@ def pairwise_batch(
         )
     names = ("chosen", "rejected")
     cols: dict[str, list[Any]] = {f"{s}_{c}": [] for s in names for c in ("input_ids", "labels")}
-    stats = []
-    for row, f in zip(rows, fit(units, codec, cutoff_len, truncation)):
-        if f.too_long and truncation == "drop":
-            stats.append(_stats(row, f, "too_long"))
-            continue
-        sides = [_labelled(f, g, masking) for g in range(2)]
-        n_sup = min(_supervised(labels) for _, labels, _ in sides)
-        if n_sup == 0:
-            stats.append(_stats(row, f, "no_supervised_tokens"))
-            continue
+    stats: list[RowStats] = []
+    for _, sides in _fitted(rows, units, codec, cutoff_len, truncation, masking, stats):
         for name, (ids, labels, _) in zip(names, sides):
             cols[f"{name}_input_ids"].append(ids)
             cols[f"{name}_labels"].append(labels)
-        stats.append(_stats(row, f, None, n_sup))
     return Batch(cols, stats)
 
 
@@ -274,7 +264,8 @@ def kto_batch(
             )
     cols: dict[str, list[Any]] = {"input_ids": [], "labels": [], "kto_tag": []}
     stats: list[RowStats] = []
-    for row, ids, labels, _ in _single_response(rows, "kto", codec, cutoff_len, truncation, masking, stats):
+    units = [_split_last(r, "kto") for r in rows]
+    for row, [(ids, labels, _)] in _fitted(rows, units, codec, cutoff_len, truncation, masking, stats):
         cols["input_ids"].append(ids)
         cols["labels"].append(labels)
         cols["kto_tag"].append(row["kto_tag"])

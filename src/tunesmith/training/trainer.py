@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from tunesmith.data.collate import IGNORE_INDEX, count_supervised
+from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
+from tunesmith.train_log import count_trained_tokens
 
 
 class TunesmithTrainer(Trainer):
@@ -34,7 +35,7 @@ class TunesmithTrainer(Trainer):
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        tokens = count_supervised(inputs["labels"])
+        tokens = count_trained_tokens(inputs["labels"])
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.bundle.add_tokens(tokens)
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
@@ -84,4 +85,4 @@ def weighted_causal_lm_loss(
     return total / denom
 
 
-__all__ = ["TunesmithTrainer", "weighted_causal_lm_loss", "count_supervised"]
+__all__ = ["TunesmithTrainer", "weighted_causal_lm_loss"]
