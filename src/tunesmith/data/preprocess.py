@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from tunesmith.data.encode import encode_batch
+from tunesmith.data.fast_bpe import FastBPE
 from tunesmith.data.packing import IGNORE_INDEX
 from tunesmith.data.preprocess_fit import Codec, Fitted, Truncation, Unit, fit, gather
 from tunesmith.data.templates import AutoTemplate, Template, render
@@ -82,12 +83,18 @@ def _render(
 
 
 def codec_for(
-    template: Template | AutoTemplate, tokenizer: Any, enable_thinking: bool | None = None
+    template: Template | AutoTemplate,
+    tokenizer: Any,
+    enable_thinking: bool | None = None,
+    fast: FastBPE | None = None,
 ) -> Codec:
-    """The codec (renderer + one-call batch encoder) of a chat template and a tokenizer; picklable."""
+    """The codec (renderer + one-call batch encoder) of a chat template and a tokenizer; picklable.
+
+    ``fast``: the tokenizer's verified tiktoken twin (``fast_bpe.fast_bpe_for``), used when it can be.
+    """
     return Codec(
         render=partial(_render, template, enable_thinking),
-        encode=partial(encode_batch, tokenizer),
+        encode=partial(encode_batch, tokenizer, fast=fast),
         tokenizer=tokenizer,
     )
 
@@ -322,7 +329,14 @@ def prompt_batch(
 
 
 def pt_batch(
-    texts: list[str], *, tokenizer: Any, cutoff_len: int, eos: str, packing: bool, bos: str | None = None
+    texts: list[str],
+    *,
+    tokenizer: Any,
+    cutoff_len: int,
+    eos: str,
+    packing: bool,
+    bos: str | None = None,
+    fast: FastBPE | None = None,
 ) -> Batch:
     """Pretraining documents -> input_ids, labels (= input_ids) blocks of at most cutoff_len tokens.
 
@@ -333,9 +347,11 @@ def pt_batch(
     """
     eos_id = _token_id(tokenizer, eos, "eos")
     bos_ids = [_token_id(tokenizer, bos, "bos")] if bos else []
-    # The Rust backend directly: no per-call Python overhead and no "longer than model_max_length" warning.
-    encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    docs = [bos_ids + e.ids + [eos_id] for e in encoded]
+    ids = fast.encode_texts(texts) if fast is not None else None
+    if ids is None:
+        # The Rust backend directly: no per-call Python overhead, no "longer than model_max_length" warning.
+        ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    docs = [bos_ids + d + [eos_id] for d in ids]
     stats = [
         RowStats(
             "", 0, len(d), len(d), truncated=packing and len(d) > cutoff_len, supervised_tokens=len(d) - 1
@@ -373,11 +389,12 @@ def kind_kwargs(
     truncation: Truncation = "keep_response",
     enable_thinking: bool | None = None,
     packing: bool = False,
+    fast: FastBPE | None = None,
 ) -> dict[str, Any]:
     """The (picklable) keyword arguments run_kind needs for a kind of preprocessing.
 
     Preference kinds (pairwise, kto) always supervise only the final response: history turns are
-    context there, not targets.
+    context there, not targets. ``fast``: see codec_for.
     """
     if kind == "pt":
         return {
@@ -385,9 +402,10 @@ def kind_kwargs(
             "cutoff_len": cutoff_len,
             "eos": tokenizer.eos_token,
             "packing": packing,
+            "fast": fast,
         }
     out: dict[str, Any] = {
-        "codec": codec_for(template, tokenizer, enable_thinking),
+        "codec": codec_for(template, tokenizer, enable_thinking, fast),
         "cutoff_len": cutoff_len,
         "truncation": truncation,
     }
