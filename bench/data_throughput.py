@@ -127,6 +127,7 @@ def run_tunesmith(
     over the same window, "rows_out", "input_tokens", "supervised_tokens" (labels != -100)}. The cache
     goes to a fresh temporary folder, so every step really runs.
     """
+    import hashlib
     import time
 
     import pyarrow.compute as pc
@@ -158,6 +159,9 @@ def run_tunesmith(
             "cpu_s": cpu_s,
             "rows_out": len(train),
             "input_tokens": train.num_tokens(),
+            "input_ids_sha1": hashlib.sha1(
+                pc.list_flatten(train.table.column("input_ids")).cast("int32").to_numpy().tobytes()
+            ).hexdigest(),
             # every label != -100 (the first position included), counted as the LLaMA-Factory side does
             "supervised_tokens": int(
                 pc.sum(pc.not_equal(pc.list_flatten(train.table.column("labels")), -100)).as_py() or 0
@@ -265,10 +269,14 @@ def token_check(records: list[dict]) -> list[dict]:
         for side, r in by_side.items():
             row[f"{side}_input_tokens"] = r["input_tokens"]
             row[f"{side}_supervised_tokens"] = r["supervised_tokens"]
+            row[f"{side}_input_ids_sha1"] = r.get("input_ids_sha1")
         if {"llamafactory", "tunesmith"} <= by_side.keys():
             row["input_tokens_ratio_ts_over_lf"] = (
                 by_side["tunesmith"]["input_tokens"] / by_side["llamafactory"]["input_tokens"]
             )
+            row["input_ids_identical"] = by_side["tunesmith"].get("input_ids_sha1") == by_side[
+                "llamafactory"
+            ].get("input_ids_sha1")
         out.append(row)
     return out
 

@@ -43,8 +43,13 @@ def _count_tokens(dataset) -> dict[str, int]:
     table = dataset.data.table
     input_ids = table.column("input_ids")
     labels = pc.list_flatten(table.column("labels"))
+    import hashlib
+
+    flat = pc.list_flatten(input_ids).cast("int32").to_numpy(zero_copy_only=False)
     return {
         "rows_out": table.num_rows,
+        # every row's ids in order: equal on both sides means the same tokens, not just as many
+        "input_ids_sha1": hashlib.sha1(flat.tobytes()).hexdigest(),
         "input_tokens": int(pc.sum(pc.list_value_length(input_ids)).as_py() or 0),
         "supervised_tokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
     }
