@@ -94,15 +94,24 @@ def test_wheel_requirements_drops_torch_family_extras_and_gradio(tmp_path: Path)
 
 def test_token_check_pairs_sides_and_gives_ratio() -> None:
     recs = [
-        {"case": "c", "workers": 1, "side": "llamafactory", "input_tokens": 100, "supervised_tokens": 40},
-        {"case": "c", "workers": 1, "side": "tunesmith", "input_tokens": 102, "supervised_tokens": 41},
-        {"case": "c", "workers": 2, "side": "llamafactory", "input_tokens": 100, "supervised_tokens": 40},
-    ]
+        {"case": "c", "workers": 1, "side": "llamafactory", "input_tokens": 100, "supervised_tokens": 40,
+         "input_ids_sha1": "a"},
+        {"case": "c", "workers": 1, "side": "tunesmith", "input_tokens": 102, "supervised_tokens": 41,
+         "input_ids_sha1": "b"},
+        {"case": "c", "workers": 2, "side": "llamafactory", "input_tokens": 100, "supervised_tokens": 40,
+         "input_ids_sha1": "a"},
+        {"case": "c", "workers": 2, "side": "tunesmith", "input_tokens": 100, "supervised_tokens": 40,
+         "input_ids_sha1": "a"},
+        {"case": "c", "workers": 4, "side": "llamafactory", "input_tokens": 100, "supervised_tokens": 40},
+    ]  # fmt: skip
     out = data_throughput.token_check(recs)
     assert out[0]["input_tokens_ratio_ts_over_lf"] == pytest.approx(1.02)
-    assert out[1] == {
+    assert out[0]["input_ids_identical"] is False
+    assert out[1]["input_ids_identical"] is True
+    assert out[2] == {
         "case": "c",
-        "workers": 2,
+        "workers": 4,
         "llamafactory_input_tokens": 100,
         "llamafactory_supervised_tokens": 40,
+        "llamafactory_input_ids_sha1": None,
     }
