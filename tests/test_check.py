@@ -204,9 +204,9 @@ def test_default_system_replaces_the_templates(capsys, tmp_path):
 def test_keys_of_later_commands_are_warned_not_ignored(capsys, tmp_path):
     path = _write(tmp_path / "d.jsonl", '{"instruction": "q", "output": "a"}\n')
     code, out, _ = run_cli(
-        capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "temperature=0.3"
+        capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "export_size=2"
     )
-    assert code == 0 and "temperature are for tunesmith chat/predict/api" in out
+    assert code == 0 and "export_size are for tunesmith export" in out
 
 
 def test_streaming_is_refused_as_unsupported(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 
 from tunesmith.errors import TunesmithError
 from tunesmith.launcher import (
+    LaunchSettings,
     configure_logging,
     is_main_process,
     maybe_relaunch,
@@ -119,6 +121,7 @@ def test_read_launch_env_defaults_and_values():
     assert (env.force_torchrun, env.nproc_per_node, env.nnodes, env.node_rank) == (True, 4, 2, 1)
     assert env.rendezvous == "10.0.0.1:29500" and not env.under_torchrun
     assert read_launch_env({"LOCAL_RANK": "0"}).under_torchrun
+    assert read_launch_env({"LOCAL_RANK": "3", "WORLD_SIZE": "8"}).local_rank == 3
     assert read_launch_env({"WORLD_SIZE": "2", "RANK": "1"}).rank == 1
 
 
@@ -162,6 +165,34 @@ def test_plan_honours_user_settings():
 def test_multi_node_without_master_is_an_error():
     with pytest.raises(TunesmithError, match="MASTER_ADDR"):
         plan_launch(read_launch_env({"NNODES": "2"}), device_count=1)
+    with pytest.raises(TunesmithError, match="master_addr"):  # nnodes from the config: the same check
+        plan_launch(read_launch_env({}), device_count=1, settings=LaunchSettings(nnodes=2, master_port=1))
+
+
+def test_config_launch_keys_win_over_the_environment():
+    env = read_launch_env(
+        {
+            "NNODES": "2",
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "1111",
+            "NPROC_PER_NODE": "2",
+        }
+    )
+    settings = LaunchSettings(node_rank=1, master_port=2222)
+    plan = plan_launch(env, device_count=2, settings=settings)
+    assert plan is not None
+    assert (plan.nnodes, plan.node_rank, plan.rendezvous, plan.world_size) == (2, 1, "10.0.0.1:2222", 4)
+    cmd = torchrun_command(plan, ["x.py"])
+    assert cmd[cmd.index("--node_rank") + 1] == "1" and cmd[cmd.index("--master_port") + 1] == "2222"
+    with pytest.raises(TunesmithError, match="node_rank 2 is not below nnodes 2"):
+        plan_launch(env, device_count=2, settings=LaunchSettings(node_rank=2))
+
+
+def test_engine_that_needs_a_process_group_relaunches_on_one_device():
+    assert plan_launch(read_launch_env({}), device_count=1) is None
+    plan = plan_launch(read_launch_env({}), device_count=1, settings=LaunchSettings(needs_process_group=True))
+    assert plan is not None and plan.nproc_per_node == 1 and plan.master_port is not None
 
 
 def test_is_main_process_and_logging(caplog):
@@ -171,7 +202,7 @@ def test_is_main_process_and_logging(caplog):
     try:
         configure_logging(1, world_size=2, rendezvous="h:1")
         assert not log.isEnabledFor(logging.INFO) and log.isEnabledFor(logging.WARNING)
-        configure_logging(0, world_size=2, rendezvous="h:1")
+        configure_logging(0, world_size=2, rendezvous="h:1", engine="FSDP2")
         assert log.isEnabledFor(logging.INFO)
         assert len([h for h in log.handlers if h.get_name() == "tunesmith"]) == 1
     finally:
@@ -184,9 +215,14 @@ def test_is_main_process_and_logging(caplog):
 # --- real torchrun runs (CPU, gloo) ---
 
 
-def test_relaunch_runs_gloo_all_reduce(tmp_path):
+def test_relaunch_runs_gloo_all_reduce(tmp_path, capfd):
     rc = maybe_relaunch(_script(tmp_path, ALL_REDUCE), _env())
     assert rc == 0
+    port = _workers(tmp_path)[0][1]
+    assert (
+        f"launching torchrun: world size 2 (1 node(s) x 2 process(es)), node rank 0, rendezvous 127.0.0.1:{port}"
+        in (capfd.readouterr().err)
+    )
     assert [(tmp_path / f"sum{r}").read_text() for r in (0, 1)] == ["3.0", "3.0"]
     assert len({port for _, port in _workers(tmp_path)}) == 1, "both ranks share one rendezvous port"
 
@@ -206,9 +242,15 @@ def test_torchrun_itself_ends_surviving_workers_when_one_fails(tmp_path):
     """Upstream behaviour the launcher relies on first; its group kill is only the backstop."""
     plan = plan_launch(read_launch_env(_env()), device_count=0)
     assert plan is not None
-    done = subprocess.run(torchrun_command(plan, _script(tmp_path, RANK1_CRASHES)), env=_env(), timeout=60)
-    assert done.returncode != 0
-    assert _wait_gone([pid for pid, _ in _workers(tmp_path)], timeout=1.0) == []
+    cmd = torchrun_command(plan, _script(tmp_path, RANK1_CRASHES))
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True)
+    try:
+        assert proc.wait(timeout=180) != 0
+        assert _wait_gone([pid for pid, _ in _workers(tmp_path)], timeout=1.0) == []
+    finally:  # on a failure or timeout above, leave no sleeping worker behind
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_sigint_to_launcher_ends_all_ranks(tmp_path):

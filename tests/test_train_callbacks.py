@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerState, TrainingArguments
 
 from tunesmith.errors import TunesmithError
@@ -64,11 +65,11 @@ class WatchedTrainer(Trainer):
 
 
 def _train(out: Path, cbs: TrainCallbacks, model=None, evaluate: bool = True, **overrides) -> WatchedTrainer:
-    args = TrainingArguments(
+    args = TrainingArguments(**dict(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
         learning_rate=1e-3, logging_steps=1, eval_strategy="steps" if evaluate else "no", eval_steps=5,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **overrides,
-    )  # fmt: skip
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    ) | overrides)  # fmt: skip
     trainer = WatchedTrainer(
         model=model or _model(),
         args=args,
@@ -116,7 +117,8 @@ def test_plot_loss_off_and_skipped_curves(tmp_path):
     assert max(smooth(values)[100:]) - min(smooth(values)[100:]) < 0.5  # smoothing damps the zig-zag
 
 
-def test_watchdog_stops_nan_run_with_diagnosis_and_batch(tmp_path):
+@pytest.mark.parametrize("logging_steps", [1, 4])
+def test_watchdog_stops_nan_run_with_diagnosis_and_batch(logging_steps, tmp_path):
     model = _model()
     calls = {"n": 0}
 
@@ -126,9 +128,17 @@ def test_watchdog_stops_nan_run_with_diagnosis_and_batch(tmp_path):
 
     model.lm_head.register_forward_hook(poison)
     with pytest.raises(TunesmithError) as err:
-        _train(tmp_path, training_callbacks(plot_loss=False), model=model, evaluate=False)
+        _train(
+            tmp_path,
+            training_callbacks(plot_loss=False),
+            model=model,
+            evaluate=False,
+            logging_steps=logging_steps,
+        )
     text = str(err.value)
-    assert "at step 3: loss is nan" in text
+    assert "at step 3: loss is nan" in text  # the first bad step, also when it is read later
+    went_on = "so training went on to step 4 before this check" in text
+    assert went_on == (logging_steps == 4)  # losses are read at the log event of step 4
     assert "learning rate too high" in text and "tunesmith check" in text
     batch = torch.load(tmp_path / "watchdog_batch_step3.pt")
     assert batch["input_ids"].shape == (BATCH, SEQ) and str(tmp_path / "watchdog_batch_step3.pt") in text
@@ -150,12 +160,54 @@ def test_watchdog_zero_loss_needs_consecutive_steps(tmp_path):
     dog.check(3, torch.tensor(0.5), masked)  # a real loss resets the streak
     dog.check(4, torch.tensor(0.0), masked)
     dog.check(5, torch.tensor(0.0), masked)
+    dog.check(6, torch.tensor(0.0), masked)  # queued: read at the next log event
     with pytest.raises(TunesmithError) as err:
-        dog.check(6, torch.tensor(0.0), masked)
+        dog.on_log(None, TrainerState(global_step=6), None, logs={"loss": 0.1, "learning_rate": 0.1})
     text = str(err.value)
     assert "at step 6: loss is exactly 0.0 for 3 consecutive steps (4-6)" in text
     assert "every label of this batch is masked" in text and "0 supervised token(s)" in text
     assert torch.equal(torch.load(tmp_path / "watchdog_batch_step6.pt")["labels"], masked["labels"])
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts host reads of a tensor's value (``.item()``, ``int()``, ``bool()``: a device sync on GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_bookkeeping_reads_nothing_per_micro_batch_and_reports_the_first_bad_one(tmp_path):
+    dog = _watchdog(tmp_path, max_pending=8)
+    cbs = TrainCallbacks(log=TrainLogCallback(), watchdog=dog, plot=None)
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.tensor([[1, 2, 3, -100]] * 2)}
+    losses = [1.0, 0.9, float("nan"), 0.8, float("inf"), 0.7, 0.6]
+    with _HostReads() as mode:
+        for step, loss in enumerate(losses, start=1):
+            cbs.add_tokens(count_trained_tokens(batch["labels"]))
+            dog.check(step, torch.tensor(loss), {**batch, "step": step})
+    assert mode.reads == 0
+    with pytest.raises(TunesmithError) as err:
+        dog.check(8, torch.tensor(0.5), batch)  # the 8th queued loss: max_pending forces a read
+    assert "at step 3: loss is nan" in str(err.value) and "went on to step 8" in str(err.value)
+    assert torch.load(tmp_path / "watchdog_batch_step3.pt")["step"] == 3
+    cbs.log.on_log(TrainingArguments(output_dir=str(tmp_path), use_cpu=True), TrainerState(), None, logs={})
+    assert cbs.log.tokens_seen == 7 * 4
+
+
+def test_log_events_move_the_progress_bar(tmp_path):
+    from tunesmith.progress import TokenProgressCallback
+
+    cbs = training_callbacks(plot_loss=False, progress_bar=True)
+    assert isinstance(cbs.progress, TokenProgressCallback) and cbs.log.progress is cbs.progress
+    cbs.add_tokens(count_trained_tokens(torch.tensor([[1, 2, 3, -100]])))
+    assert cbs.progress._pending == 0  # nothing read per micro-batch
+    cbs.log.on_log(TrainingArguments(output_dir=str(tmp_path), use_cpu=True), TrainerState(), None, logs={})
+    assert cbs.progress._pending == 2
 
 
 def test_watchdog_on_logged_loss_without_batch(tmp_path):
@@ -177,7 +229,8 @@ def test_diagnosis_mentions_fp16_only_when_used():
 
 def test_count_trained_tokens_ignores_first_position_and_masked():
     labels = torch.tensor([[5, 6, -100, 7], [-100, -100, -100, -100]])
-    assert count_trained_tokens(labels) == 2
+    count = count_trained_tokens(labels)
+    assert isinstance(count, torch.Tensor) and count.device == labels.device and int(count) == 2
 
 
 def test_eta_from_tokens_and_from_steps():

@@ -20,6 +20,11 @@ usage: tunesmith COMMAND [CONFIG] [key=value ...]
 commands:
   check CONFIG [key=value ...]   preflight: config, datasets, rendered samples with masks, lengths (no weights)
   train CONFIG [key=value ...]   fine-tune (stage and method from the config)
+  chat CONFIG [key=value ...]    chat with the model (and adapters) in the terminal, streaming
+  api CONFIG [key=value ...]     OpenAI-compatible HTTP server (api_host, api_port, api_key)
+  predict CONFIG [key=value ...] [--processes N] [--no-score]
+                                 generate for eval_dataset (else dataset) into output_dir/predictions.jsonl
+  score FILE [--help]            BLEU-4, ROUGE-1/2/L, exact match, choice accuracy of a predictions.jsonl
   templates                      list the built-in chat templates
   version                        print versions of tunesmith and its main dependencies
 
@@ -49,17 +54,81 @@ def cmd_check(argv: list[str]) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     from tunesmith.config import load_config
-    from tunesmith.launcher import maybe_relaunch
+    from tunesmith.launcher import is_main_process, maybe_relaunch
     from tunesmith.stages import run
+    from tunesmith.training.distributed import launch_settings
 
-    code = maybe_relaunch(["-m", "tunesmith.cli", "train", *argv], os.environ)
+    path, overrides = _config_args(argv, "train")
+    cfg = load_config(path, overrides)  # before relaunching: a bad config is reported once, not per rank
+    code = maybe_relaunch(["-m", "tunesmith.cli", "train", *argv], os.environ, launch_settings(cfg))
     if code is not None:
         return code
-    path, overrides = _config_args(argv, "train")
-    cfg = load_config(path, overrides)
-    for warning in cfg.warnings:
+    for warning in cfg.warnings if is_main_process() else ():
         print(f"tunesmith train: warning: {warning}", file=sys.stderr)
     run(cfg)
+    return 0
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.infer.chat import chat
+
+    path, overrides = _config_args(argv, "chat")
+    return chat(load_config(path, overrides))
+
+
+def cmd_api(argv: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.infer.api import serve
+
+    path, overrides = _config_args(argv, "api")
+    serve(load_config(path, overrides))
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.infer.predict import predict
+
+    processes, score, rest = None, True, []
+    args = iter(argv)
+    for a in args:
+        if a == "--no-score":
+            score = False
+        elif a == "--processes" or a.startswith("--processes="):
+            value = a.partition("=")[2] or next(args, "")
+            if not value.isdigit() or int(value) < 1:
+                raise TunesmithError(f"--processes: expected a positive integer, got {value!r}")
+            processes = int(value)
+        else:
+            rest.append(a)
+    path, overrides = _config_args(rest, "predict")
+    cfg = load_config(path, overrides)
+    for warning in cfg.warnings:
+        print(f"tunesmith predict: warning: {warning}", file=sys.stderr)
+    predict(cfg, processes=processes, score=score)
+    return 0
+
+
+def cmd_score(argv: list[str]) -> int:
+    import argparse
+    import json
+
+    from tunesmith.infer.score import Fields, score_file
+
+    p = argparse.ArgumentParser(prog="tunesmith score", description="Score a predictions.jsonl file.")
+    p.add_argument("file", help="predictions.jsonl (one JSON object a line)")
+    p.add_argument("--predict-field", default="predict", help="field of the prediction (dotted: a.b)")
+    p.add_argument("--label-field", default="label", help="field of the reference, e.g. extra.answer")
+    p.add_argument("--id-field", default="id", help="field copied into each per-sample score line")
+    p.add_argument("--bleu-tokens", choices=("chars", "words"), default="chars",
+                   help="BLEU on characters (LLaMA-Factory's bleu-4) or on words")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    a = p.parse_args(argv)
+    fields = Fields(a.predict_field, a.label_field, a.id_field, a.bleu_tokens)
+    result = score_file(a.file, fields, workers=a.workers)
+    print(json.dumps(result.summary, indent=1, ensure_ascii=False))
+    print(f"tunesmith score: wrote {result.scores_path} and {result.summary_path}", file=sys.stderr)
     return 0
 
 
@@ -87,6 +156,10 @@ def cmd_version(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "check": cmd_check,
     "train": cmd_train,
+    "chat": cmd_chat,
+    "api": cmd_api,
+    "predict": cmd_predict,
+    "score": cmd_score,
     "templates": cmd_templates,
     "version": cmd_version,
 }

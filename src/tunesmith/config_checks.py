@@ -6,7 +6,7 @@ the TrainingArguments kwargs (``hf``) and the set of keys the user wrote (``expl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,28 @@ PREF_KEYS = (
     "pref_loss",
     "dpo_label_smoothing",
     "simpo_gamma",
-    "ref_model",
-    "ref_model_adapters",
 )
+REF_KEYS = ("ref_model", "ref_model_adapters")
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 REWARD_KEYS = ("reward_model", "reward_model_adapters")
+RL_KEYS = ("reward_funcs", "reward_weights", "answer_column", "reward_format_pattern", "reward_length_target")
+GRPO_KEYS = ("num_generations", "grpo_beta", "grpo_epsilon", "grpo_iterations")
+PPO_KEYS = ("ppo_epochs", "ppo_score_norm", "ppo_whiten_rewards", "ppo_kl_coef", "ppo_target")
+# generation keys that set the rollouts' sampling of grpo/ppo (and otherwise belong to later commands)
+ROLLOUT_KEYS = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty",
+                "stop")  # fmt: skip
 
 # (keys, the key that decides whether they apply, the values of it under which they do).
 _APPLIES_ONLY = (
     (LORA_KEYS, "finetuning_type", ("lora",)),
     (FREEZE_KEYS, "finetuning_type", ("freeze",)),
     (PREF_KEYS, "stage", ("dpo", "kto")),
+    (REF_KEYS, "stage", ("dpo", "kto", "ppo", "grpo")),
     (KTO_KEYS, "stage", ("kto",)),
     (REWARD_KEYS, "stage", ("ppo",)),
+    (RL_KEYS, "stage", ("ppo", "grpo")),
+    (GRPO_KEYS, "stage", ("grpo",)),
+    (PPO_KEYS, "stage", ("ppo",)),
 )
 
 
@@ -62,10 +71,6 @@ def resolve_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
 
 # Keys of commands that are not in this version yet: accepted so LLaMA-Factory configs load, but said aloud.
 LATER_COMMAND_KEYS = {
-    "tunesmith chat/predict/api": ("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length",
-                                   "max_new_tokens", "repetition_penalty", "length_penalty", "skip_special_tokens",
-                                   "infer_backend", "infer_dtype", "vllm_maxlen", "vllm_gpu_util",
-                                   "vllm_enforce_eager", "vllm_max_lora_rank", "api_host", "api_port", "api_key"),
     "tunesmith export": ("export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id"),
     "tunesmith eval": ("task", "task_dir", "batch_size", "n_shot", "lang", "save_dir"),
 }  # fmt: skip
@@ -75,7 +80,8 @@ def unused_key_warnings(values: Mapping[str, Any], explicit: set[str]) -> list[s
     """Keys the user set that have no effect with the chosen finetuning_type or stage, or in this version."""
     warnings = []
     for command, keys in LATER_COMMAND_KEYS.items():
-        later = [key for key in keys if key in explicit]
+        rollout = values["stage"] in ("ppo", "grpo")
+        later = [key for key in keys if key in explicit and not (rollout and key in ROLLOUT_KEYS)]
         if later:
             warnings.append(
                 f"{', '.join(later)} are for {command}, which this version does not have yet; "
@@ -118,11 +124,30 @@ def cross_field_problems(
         )
     if training and not v["output_dir"]:
         add("output_dir", "training needs an output folder", "set output_dir: e.g. saves/my-run")
-    if v["stage"] == "ppo" and training and not v["reward_model"]:
+    if v["stage"] == "ppo" and training and not v["reward_model"] and not v["reward_funcs"]:
         add(
             "reward_model",
-            "stage ppo needs a reward model",
-            "set reward_model: a path to a trained reward model",
+            "stage ppo needs a reward model or reward functions",
+            "set reward_model: a path to a reward model trained with stage: rm, or reward_funcs: "
+            "e.g. exact_match",
+        )
+    if v["stage"] == "ppo" and v["reward_model"] and v["reward_funcs"]:
+        add(
+            "reward_funcs",
+            "stage ppo scores with reward_model or with reward_funcs, not both",
+            "remove one of reward_model and reward_funcs",
+        )
+    if v["stage"] == "grpo" and training and not v["reward_funcs"]:
+        add(
+            "reward_funcs",
+            "stage grpo needs reward functions",
+            "set reward_funcs: built-ins exact_match, format, length or module:function (comma list)",
+        )
+    if v["reward_weights"] and len(v["reward_weights"]) != len(v["reward_funcs"]):
+        add(
+            "reward_weights",
+            f"{len(v['reward_weights'])} weights for {len(v['reward_funcs'])} reward_funcs",
+            "give one weight per reward function, in the same order",
         )
 
     if v["val_size"] and v["eval_dataset"]:
@@ -188,4 +213,66 @@ def cross_field_problems(
         )
     if hf.get("bf16") and hf.get("fp16"):
         add("bf16", "bf16 and fp16 are both true", "keep one of them (bf16 where the GPU supports it)")
+    if v["nnodes"] is not None and v["node_rank"] is not None and v["node_rank"] >= v["nnodes"]:
+        add("node_rank", f"node_rank must be below nnodes ({v['nnodes']})", "number the nodes 0 to nnodes-1")
+    _engine_problems(v, hf, add)
     return problems
+
+
+def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[..., None]) -> None:
+    """deepspeed/fsdp values that cannot work, and engine combinations known to fail."""
+    from tunesmith.training.distributed import (
+        EngineSettingError,
+        parse_fsdp,
+        read_deepspeed,
+        read_fsdp_config,
+    )
+
+    def read(key: str, reader: Callable[[Any], Any]) -> Any:
+        if not hf.get(key):
+            return None
+        try:
+            return reader(hf[key])
+        except EngineSettingError as e:
+            add(key, e.reason, e.fix, e.allowed)
+            return None
+
+    zero = read("deepspeed", read_deepspeed)
+    fsdp = read("fsdp", parse_fsdp)
+    read("fsdp_config", read_fsdp_config)
+    if hf.get("fsdp_config") and not hf.get("fsdp"):
+        add(
+            "fsdp_config",
+            "fsdp_config has no effect without fsdp",
+            "set fsdp: full_shard auto_wrap, or remove fsdp_config",
+        )
+    if hf.get("deepspeed") and hf.get("fsdp"):
+        add(
+            "fsdp",
+            "deepspeed and fsdp are both set; a run uses one engine",
+            "keep deepspeed (e.g. zero3) or fsdp (e.g. full_shard auto_wrap), and remove the other",
+        )
+        return
+    quantized, lora = v["quantization_bit"] is not None, v["finetuning_type"] == "lora"
+    if quantized and zero is not None and zero.stage == 3:
+        add(
+            "quantization_bit",
+            f"QLoRA cannot train under {zero.label}: tunesmith places the quantized weights whole on each "
+            "GPU, and ZeRO-3 partitions parameters",
+            "use deepspeed: zero2 (or no engine, DDP) with quantization_bit, or remove quantization_bit "
+            "to train LoRA under ZeRO-3",
+        )
+    if quantized and fsdp is not None:
+        add(
+            "quantization_bit",
+            "QLoRA cannot train under FSDP: tunesmith places the quantized weights whole on each GPU, and "
+            "FSDP shards parameters",
+            "use deepspeed: zero2 (or no engine, DDP) with quantization_bit, or remove quantization_bit "
+            "to train LoRA under FSDP",
+        )
+    if lora and v["pissa_init"] and zero is not None and zero.stage == 3:
+        add(
+            "pissa_init",
+            "PiSSA decomposes each full weight matrix at start, and ZeRO-3 has already partitioned them",
+            "train with deepspeed: zero2 or fsdp: full_shard auto_wrap, or set pissa_init: false",
+        )

@@ -103,12 +103,42 @@ class FinetuningArgs:
     kto_rejected_weight: float = opt(1.0, "KTO weight of undesirable samples.", gt=0)
     ref_model: str | None = opt(None, "Reference model for DPO/KTO (default: the initial policy).")
     ref_model_adapters: tuple[str, ...] = opt((), "Adapters of the reference model.")
+    pref_precompute_ref: bool = opt(
+        False,
+        "DPO/KTO: compute the reference log-probs once before training (cached with the data) and free "
+        "the reference model; no reference forward passes while training.",
+    )
     reward_model: str | None = opt(None, "Reward model path (PPO).")
     create_new_adapter: bool = opt(False, "Merge the given adapters and train a fresh one on top.")
     early_stopping_steps: int | None = opt(
         None, "Stop when eval loss has not improved for this many evals.", ge=1
     )
     reward_model_adapters: tuple[str, ...] = opt((), "Adapters of the reward model.")
+    # grpo / ppo (the rollouts' sampling settings are the generation keys: temperature, max_new_tokens, ...)
+    reward_funcs: tuple[str, ...] = opt(
+        (),
+        "GRPO (and PPO without reward_model): reward functions, built-in exact_match, format, length, "
+        "or module:function (comma list).",
+    )
+    reward_weights: tuple[float, ...] = opt((), "Weight of each reward function (default: all 1).")
+    answer_column: str = opt("answer", "exact_match: data column of the reference answer (else the label).")
+    reward_format_pattern: str = opt(
+        r"<think>.*?</think>\s*<answer>.*?</answer>", "format: regex the whole completion must match."
+    )
+    reward_length_target: int = opt(
+        512, "length: completions longer than this many tokens lose reward.", ge=1
+    )
+    num_generations: int = opt(8, "GRPO: completions sampled per prompt (the group).", ge=2)
+    grpo_beta: float = opt(0.04, "GRPO: KL coefficient to the reference (0: no reference pass).", ge=0)
+    grpo_epsilon: float = opt(0.2, "GRPO: clip range of the probability ratio.", gt=0)
+    grpo_iterations: int = opt(1, "GRPO: optimisation steps per generation batch.", ge=1)
+    ppo_epochs: int = opt(4, "PPO: optimisation steps per rollout batch.", ge=1)
+    ppo_score_norm: bool = opt(False, "PPO: normalise scores by their running mean and std.")
+    ppo_whiten_rewards: bool = opt(False, "PPO: whiten the per-token rewards of each batch.")
+    ppo_kl_coef: float = opt(0.2, "PPO: KL penalty coefficient (the start value when adaptive).", ge=0)
+    ppo_target: float | None = opt(
+        6.0, "PPO: target KL per completion of the adaptive KL coefficient; null: fixed ppo_kl_coef.", gt=0
+    )
 
 
 # TrainingArguments fields that are also typed fields here, because tunesmith itself reads them.
@@ -125,6 +155,14 @@ class TrainingArgs:
     resume_from_checkpoint: str | None = opt(None, "Checkpoint folder to resume training from.")
     overwrite_output_dir: bool = opt(False, "Allow writing into a non-empty output_dir.")
     plot_loss: bool = opt(False, "Save loss curves as PNG after training.")
+    # Launch settings (tunesmith train relaunches itself under torchrun); unset means the environment
+    # variable of the same name in capitals, then the default.
+    nnodes: int | None = opt(None, "Nodes of a multi-node run ($NNODES; default 1).", ge=1)
+    node_rank: int | None = opt(None, "This node's index, 0 to nnodes-1 ($NODE_RANK; default 0).", ge=0)
+    master_addr: str | None = opt(None, "Address of node 0, reachable from every node ($MASTER_ADDR).")
+    master_port: int | None = opt(
+        None, "Rendezvous port on node 0 ($MASTER_PORT; default: a free port).", ge=1, le=65535
+    )
     hf: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Other transformers.TrainingArguments keys set by the user, validated."},
@@ -155,6 +193,9 @@ class GenerationArgs:
     repetition_penalty: float = opt(1.0, "Penalty on repeated tokens (1.0: none).", gt=0)
     length_penalty: float = opt(1.0, "Beam search length penalty exponent.")
     skip_special_tokens: bool = opt(True, "Drop special tokens from decoded text.")
+    stop: tuple[str, ...] = opt(
+        (), "Extra stop strings (comma list); the template's stop tokens always apply."
+    )
 
 
 @dataclass(frozen=True)
@@ -255,7 +296,7 @@ sglang_lora_backend eval_num_beams ignore_pad_token_for_loss eval_on_each_datase
 data_shared_file_system pure_bf16 use_llama_pro use_adam_mini use_muon freeze_vision_tower
 freeze_multi_modal_projector freeze_language_model compute_accuracy disable_shuffling
  include_effective_tokens_per_second loraplus_lr_embedding pissa_convert
- ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards
+ ppo_buffer_size
 ref_model_quantization_bit reward_model_quantization_bit reward_model_type ld_alpha use_galore
 galore_target galore_rank galore_update_interval galore_scale galore_proj_type galore_layerwise
 use_apollo apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj apollo_proj_type

@@ -1,8 +1,9 @@
 """Run in-process on one device, or relaunch the same command under torchrun on several.
 
-The CLI calls ``maybe_relaunch(sys.argv, os.environ)`` first; ``None`` means "go on in this process".
+The CLI calls ``maybe_relaunch(argv, os.environ, settings)`` first; ``None`` means "go on in this process".
 Environment variables follow LLaMA-Factory's names (FORCE_TORCHRUN, NPROC_PER_NODE, NNODES, NODE_RANK,
-MASTER_ADDR, MASTER_PORT) and are read in one place, ``read_launch_env``.
+MASTER_ADDR, MASTER_PORT) and are read in one place, ``read_launch_env``; the config's keys of the same names
+(``LaunchSettings``) win over them. Without MASTER_PORT a free port is chosen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 
 from tunesmith.errors import TunesmithError
@@ -37,6 +38,7 @@ class LaunchEnv:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     rank: int = 0  # set by torchrun in its workers
+    local_rank: int = 0  # rank within this node (torchrun's LOCAL_RANK)
     world_size: int = 1
     under_torchrun: bool = False  # LOCAL_RANK or WORLD_SIZE present: we are a worker, never relaunch
 
@@ -76,9 +78,32 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
         master_addr=env.get("MASTER_ADDR", "").strip() or "127.0.0.1",
         master_port=_int_var(env, "MASTER_PORT", None, 1),
         rank=_int_var(env, "RANK", 0, 0) or 0,
+        local_rank=_int_var(env, "LOCAL_RANK", 0, 0) or 0,
         world_size=_int_var(env, "WORLD_SIZE", 1, 1) or 1,
         under_torchrun="LOCAL_RANK" in env or "WORLD_SIZE" in env,
     )
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What the config says about the launch: its nnodes/node_rank/master_* keys (None: from the environment)
+    and whether the engine (DeepSpeed, FSDP) needs a process group even on one device."""
+
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    needs_process_group: bool = False
+
+
+def apply_settings(launch: LaunchEnv, settings: LaunchSettings) -> LaunchEnv:
+    """The environment's launch settings with the config's explicit values on top."""
+    given = {
+        name: getattr(settings, name)
+        for name in ("nnodes", "node_rank", "master_addr", "master_port")
+        if getattr(settings, name) is not None
+    }
+    return replace(launch, **given)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -88,17 +113,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def plan_launch(launch: LaunchEnv, device_count: int) -> LaunchEnv | None:
-    """Decide: ``None`` runs in-process; otherwise the settings torchrun gets (port filled in)."""
+def plan_launch(
+    launch: LaunchEnv, device_count: int, settings: LaunchSettings | None = None
+) -> LaunchEnv | None:
+    """Decide: ``None`` runs in-process; otherwise the settings torchrun gets (port filled in).
+
+    torchrun runs when several devices are visible, several nodes are asked for, FORCE_TORCHRUN is set,
+    or the engine needs a process group (``settings.needs_process_group``).
+    """
     if launch.under_torchrun:
         return None
-    if not (launch.force_torchrun or device_count > 1 or launch.nnodes > 1):
+    settings = settings or LaunchSettings()
+    launch = apply_settings(launch, settings)
+    wanted = launch.force_torchrun or device_count > 1 or launch.nnodes > 1 or settings.needs_process_group
+    if not wanted:
         return None
     if launch.nnodes > 1 and (launch.master_port is None or launch.master_addr == "127.0.0.1"):
         raise TunesmithError(
-            f"NNODES={launch.nnodes} needs MASTER_ADDR (the address of node 0, reachable from every node) "
-            "and MASTER_PORT set to the same values on every node. "
+            f"nnodes={launch.nnodes} needs master_addr (the address of node 0, reachable from every node) "
+            "and master_port, the same on every node (config keys, or MASTER_ADDR/MASTER_PORT). "
             "Fix: e.g. MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 on all nodes, NODE_RANK=0..NNODES-1."
+        )
+    if launch.node_rank >= launch.nnodes:
+        raise TunesmithError(
+            f"node_rank {launch.node_rank} is not below nnodes {launch.nnodes}. "
+            "Fix: number the nodes 0 to nnodes-1 (NODE_RANK or node_rank)."
         )
     nproc = launch.nproc_per_node or max(device_count, 1)
     port = launch.master_port if launch.master_port is not None else free_port(launch.master_addr)
@@ -126,7 +165,9 @@ def torchrun_command(plan: LaunchEnv, argv: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def maybe_relaunch(argv: list[str], env: Mapping[str, str]) -> int | None:
+def maybe_relaunch(
+    argv: list[str], env: Mapping[str, str], settings: LaunchSettings | None = None
+) -> int | None:
     """Return None to run in this process, or relaunch ``argv`` under torchrun and return its exit code.
 
     Example: ``rc = maybe_relaunch(sys.argv, os.environ); if rc is not None: sys.exit(rc)``
@@ -136,14 +177,17 @@ def maybe_relaunch(argv: list[str], env: Mapping[str, str]) -> int | None:
         return None
     import torch  # late: `tunesmith --help` and the data commands should not pay for it
 
-    plan = plan_launch(launch, torch.cuda.device_count())
+    plan = plan_launch(launch, torch.cuda.device_count(), settings)
     if plan is None:
         return None
     cmd = torchrun_command(plan, argv)
-    logger.info(
-        "launching torchrun: world size %d (%d node(s) x %d process(es)), rendezvous %s",
-        plan.world_size, plan.nnodes, plan.nproc_per_node, plan.rendezvous,
-    )  # fmt: skip
+    # Printed, not logged: this launching process never configures logging, and its line must show.
+    print(
+        f"[tunesmith] launching torchrun: world size {plan.world_size} ({plan.nnodes} node(s) x "
+        f"{plan.nproc_per_node} process(es)), node rank {plan.node_rank}, rendezvous {plan.rendezvous}",
+        file=sys.stderr,
+        flush=True,
+    )
     logger.debug("command: %s", " ".join(cmd))
     return run_process_group(cmd, dict(env))
 
@@ -222,7 +266,7 @@ class _RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
-def configure_logging(rank: int, world_size: int = 1, rendezvous: str = "") -> None:
+def configure_logging(rank: int, world_size: int = 1, rendezvous: str = "", engine: str = "") -> None:
     """Send tunesmith's logs to stderr: info on rank 0, warnings and errors only (tagged) elsewhere.
 
     Calling it again replaces the handler it installed before. On rank 0 of a distributed run the first
@@ -240,4 +284,7 @@ def configure_logging(rank: int, world_size: int = 1, rendezvous: str = "") -> N
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
     if world_size > 1:
-        root.info("distributed run: world size %d, rendezvous %s", world_size, rendezvous or "(unknown)")
+        root.info(
+            "distributed run: world size %d, rendezvous %s%s",
+            world_size, rendezvous or "(unknown)", f", engine {engine}" if engine else "",
+        )  # fmt: skip

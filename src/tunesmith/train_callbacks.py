@@ -5,8 +5,8 @@ Usage in a stage::
     cbs = training_callbacks(plot_loss=cfg.plot_loss, total_tokens=tokens_per_epoch * epochs)
     trainer = StageTrainer(..., callbacks=cbs.as_list())
     # in StageTrainer.training_step, after super().training_step(...):
-    #     cbs.log.add_tokens(count_trained_tokens(inputs["labels"]))
-    #     cbs.watchdog.check(self.state.global_step + 1, loss, inputs)
+    #     cbs.add_tokens(count_trained_tokens(inputs["labels"]))   # a device tensor: no sync
+    #     cbs.watchdog.check(self.state.global_step + 1, loss, inputs)  # queued: read at log events
 
 Each piece lives in its own module: ``train_log`` (progress line, trainer_log.jsonl), ``watchdog``
 (NaN/inf/zero loss diagnosis), ``plotting`` (loss PNGs).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import TrainerCallback
 
 from tunesmith.plotting import PlotLossCallback, plot_losses
@@ -36,18 +37,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainCallbacks:
-    """Handles the trainer needs (``log.add_tokens``, ``watchdog.check``) plus the optional plotter."""
+    """Handles the trainer needs (``add_tokens``, ``watchdog.check``) plus the optional plotter and bar.
+
+    The progress bar gets its tokens from ``log`` at log events (``TrainLogCallback(progress=...)``).
+    """
 
     log: TrainLogCallback
     watchdog: LossWatchdog
     plot: PlotLossCallback | None
     progress: TokenProgressCallback | None = None
 
-    def add_tokens(self, n: int) -> None:
-        """Count one micro-batch's trained tokens in the log and the progress bar."""
+    def add_tokens(self, n: int | torch.Tensor) -> None:
+        """Count one micro-batch's trained tokens (read at the next log event, then shown by the bar)."""
         self.log.add_tokens(n)
-        if self.progress is not None:
-            self.progress.add_tokens(n)
 
     def as_list(self) -> list[TrainerCallback]:
         """For ``Trainer(callbacks=...)``."""
@@ -61,9 +63,10 @@ def training_callbacks(
     progress_bar: bool = False,
 ) -> TrainCallbacks:
     """Build the standard callbacks; ``total_tokens`` (trained tokens of the whole run) enables a token ETA."""
+    progress = TokenProgressCallback(total_tokens) if progress_bar else None
     return TrainCallbacks(
-        log=TrainLogCallback(total_tokens=total_tokens),
+        log=TrainLogCallback(total_tokens=total_tokens, progress=progress),
         watchdog=LossWatchdog(zero_patience=zero_loss_patience),
         plot=PlotLossCallback() if plot_loss else None,
-        progress=TokenProgressCallback(total_tokens) if progress_bar else None,
+        progress=progress,
     )

@@ -1,10 +1,13 @@
 """Progress line and ``trainer_log.jsonl``: trained tokens/s, token-based ETA, peak memory.
 
 Token counting: the trainer calls ``TrainLogCallback.add_tokens(count_trained_tokens(batch["labels"]))``
-once per micro-batch on every rank, with that rank's count. "Trained tokens" are the tokens that carry a
-loss term (label != -100 after the causal shift): padding and masked prompt tokens are not counted. This
-differs from HF's ``include_num_input_tokens_seen`` ("all" counts padding; "non_padding" counts the
-attention mask, so prompt tokens too). Ranks' counts are summed (all_reduce) at each log event.
+once per micro-batch on every rank, with that rank's count as a device tensor: it is summed on the device
+and read once per log event (where the Trainer syncs anyway), never per micro-batch. "Trained tokens"
+are the tokens that carry a loss term (label != -100 after the causal shift): padding and masked prompt
+tokens are not counted. This differs from HF's ``include_num_input_tokens_seen`` ("all" counts padding;
+"non_padding" counts the attention mask, so prompt tokens too). Ranks' counts are summed (all_reduce) at
+each log event, and this rank's count then goes on to the progress bar, which therefore moves at log
+events.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tunesmith.progress import TokenProgressCallback
+
 logger = logging.getLogger("tunesmith.train")
 
 IGNORE_INDEX = -100
@@ -33,9 +38,12 @@ _SHOWN = (("loss", ".4f"), ("eval_loss", ".4f"), ("train_loss", ".4f"), ("lr", "
 _FIXED = ("step", "total_steps", "epoch", "loss", "eval_loss", "lr", "grad_norm")
 
 
-def count_trained_tokens(labels: torch.Tensor) -> int:
-    """Tokens with a loss term in a causal-LM batch: labels after the one-position shift that are not -100."""
-    return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
+def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens with a loss term in a causal-LM batch: labels after the one-position shift that are not -100.
+
+    A 0-dim int64 tensor on the labels' device, so counting does not wait for the device.
+    """
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -77,21 +85,25 @@ class TrainLogCallback(TrainerCallback):
 
     ``total_tokens``: trained tokens the whole run will see (all epochs), for a token-based ETA; without
     it (or before any tokens are counted) the ETA comes from steps. Rank 0 writes; every rank counts.
+    ``progress``: the token progress bar to pass this rank's count to at each log event.
     """
 
-    def __init__(self, total_tokens: int | None = None) -> None:
+    def __init__(
+        self, total_tokens: int | None = None, progress: TokenProgressCallback | None = None
+    ) -> None:
         self.path = Path(LOG_FILE)  # under args.output_dir from train begin
         self.total_tokens = total_tokens
+        self.progress = progress
         self.tokens_seen = 0  # summed over ranks, as of the last log event
-        self._pending = 0  # this rank's tokens since the last log event
+        self._pending: int | torch.Tensor = 0  # this rank's tokens since the last log event, on its device
         self._start = 0.0
         self._start_step = 0
         self._tokens_before = 0  # estimated trained tokens of earlier sessions when resuming
         self._device = torch.device("cpu")
 
-    def add_tokens(self, n: int) -> None:
-        """Count ``n`` trained tokens of one micro-batch on this rank."""
-        self._pending += n
+    def add_tokens(self, n: int | torch.Tensor) -> None:
+        """Count ``n`` trained tokens of one micro-batch on this rank (a device tensor is not read here)."""
+        self._pending = self._pending + n
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._start = time.monotonic()
@@ -118,11 +130,15 @@ class TrainLogCallback(TrainerCallback):
 
     def _sync_tokens(self) -> None:
         """Add every rank's pending count to ``tokens_seen`` (a collective: on_log runs on all ranks)."""
-        pending = torch.tensor(self._pending, dtype=torch.int64, device=self._device)
+        local = torch.as_tensor(self._pending).to(self._device, torch.int64)
+        summed = local.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(pending)
-        self.tokens_seen += int(pending.item())
+            dist.all_reduce(summed)
+        mine, everyone = torch.stack([local, summed]).tolist()  # the one read of the counts
+        self.tokens_seen += everyone
         self._pending = 0
+        if self.progress is not None:
+            self.progress.add_tokens(mine)
 
     def record(self, state: TrainerState, logs: Mapping[str, Any], elapsed: float) -> dict[str, Any]:
         """The JSON record of one log event: fixed fields first, then every other logged key."""

@@ -7,8 +7,12 @@ A callback never sees the batch, so the trainer calls ``check`` from its ``train
         self.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
 
-``check`` reads the loss (``.item()``: one device sync per micro-batch). As a callback it also watches
-the logged loss, for trainers that do not call ``check``; that diagnosis has no batch to save.
+``check`` only queues the loss tensor and the batch: nothing is read from the device then. The queue is
+read at once (one sync) at each log event, where the Trainer syncs anyway, at the end of training, and
+after ``max_pending`` micro-batches (which bounds the batches held). The first bad micro-batch of the queue
+is reported with its own step and batch; training has then gone on to the step of the check, which the
+message says. As a callback it also watches the logged loss, for trainers that do not call ``check``;
+that diagnosis has no batch to save.
 """
 
 from __future__ import annotations
@@ -42,10 +46,16 @@ def batch_summary(batch: Mapping[str, Any]) -> str:
 
 def diagnose(
     what: str, step: int, *, nonfinite: bool, fp16: bool, lr: float, batch_file: Path | None = None,
-    batch: Mapping[str, Any] | None = None,
+    batch: Mapping[str, Any] | None = None, checked_at: int | None = None,
 ) -> str:  # fmt: skip
     """The message of the error that stops the run: what happened, where the batch is, likely causes."""
     lines = [f"training stopped by the loss watchdog at step {step}: {what}."]
+    if checked_at is not None and checked_at > step:
+        lines.append(
+            f"Step {step} is the first bad step since the previous check: losses are read at log events "
+            f"(reading every step would sync the device), so training went on to step {checked_at} "
+            "before this check."
+        )
     if batch_file is not None and batch is not None:
         lines.append(f"The batch of that step ({batch_summary(batch)}) is saved to {batch_file}")
         lines.append("  (batch = torch.load(path); model(**batch) reproduces the forward pass).")
@@ -81,11 +91,16 @@ class LossWatchdog(TrainerCallback):
     The batch file goes to ``args.output_dir/watchdog_batch_step{N}.pt`` (``_rank{R}`` added when distributed).
     """
 
-    def __init__(self, zero_patience: int = 3) -> None:
+    def __init__(self, zero_patience: int = 3, max_pending: int = 32) -> None:
         if zero_patience < 1:
             raise ValueError(f"zero_patience must be >= 1, got {zero_patience}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.output_dir = Path(".")  # args.output_dir from train begin
         self.zero_patience = zero_patience
+        self.max_pending = max_pending
+        # (step, loss, batch) of the micro-batches not read yet; the batches stay on their device
+        self._pending: list[tuple[int, torch.Tensor, Mapping[str, Any]]] = []
         self.fp16 = False
         self.lr = 0.0
         self.rank, self.world_size = 0, 1
@@ -98,10 +113,25 @@ class LossWatchdog(TrainerCallback):
         self.rank, self.world_size = args.process_index, args.world_size
 
     def check(self, step: int, loss: torch.Tensor | float, batch: Mapping[str, Any]) -> None:
-        """Inspect one micro-batch's loss; on a bad loss save the batch and raise TunesmithError."""
-        value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+        """Queue one micro-batch's loss (no device sync); a bad loss raises TunesmithError when read."""
+        value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(loss)
+        self._pending.append((step, value, batch))
+        if len(self._pending) >= self.max_pending:
+            self.inspect(step)
+
+    def inspect(self, current_step: int) -> None:
+        """Read the queued losses (one device sync); on a bad one save its batch, raise TunesmithError."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        device = pending[0][1].device
+        values = torch.stack([v.to(device) for _, v, _ in pending]).tolist()
+        for (step, _, batch), value in zip(pending, values):
+            self._judge(step, value, batch, current_step)
+
+    def _judge(self, step: int, value: float, batch: Mapping[str, Any], current_step: int) -> None:
         if not math.isfinite(value):
-            self._trip(f"loss is {value}", step, batch, nonfinite=True)
+            self._trip(f"loss is {value}", step, batch, nonfinite=True, checked_at=current_step)
         if value != 0.0:
             self._zero_steps.clear()
             return
@@ -109,11 +139,15 @@ class LossWatchdog(TrainerCallback):
         if len(self._zero_steps) >= self.zero_patience:
             steps = sorted(self._zero_steps)
             what = f"loss is exactly 0.0 for {len(steps)} consecutive steps ({steps[0]}-{steps[-1]})"
-            self._trip(what, step, batch, nonfinite=False)
+            self._trip(what, step, batch, nonfinite=False, checked_at=current_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.inspect(state.global_step)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ):
+        self.inspect(state.global_step)  # the queued per-batch losses first: they name the step and batch
         if not logs or "learning_rate" not in logs:  # only training-step logs carry a learning rate
             return
         self.lr = float(logs["learning_rate"])
@@ -127,7 +161,14 @@ class LossWatchdog(TrainerCallback):
             what = f"logged loss is exactly 0.0 for {self._zero_logs} consecutive logs"
             self._trip(what, state.global_step, None, nonfinite=False)
 
-    def _trip(self, what: str, step: int, batch: Mapping[str, Any] | None, nonfinite: bool) -> None:
+    def _trip(
+        self,
+        what: str,
+        step: int,
+        batch: Mapping[str, Any] | None,
+        nonfinite: bool,
+        checked_at: int | None = None,
+    ) -> None:
         batch_file = None
         if batch is not None:
             suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
@@ -138,7 +179,8 @@ class LossWatchdog(TrainerCallback):
                 batch_file,
             )
         message = diagnose(
-            what, step, nonfinite=nonfinite, fp16=self.fp16, lr=self.lr, batch_file=batch_file, batch=batch
-        )
+            what, step, nonfinite=nonfinite, fp16=self.fp16, lr=self.lr, batch_file=batch_file,
+            batch=batch, checked_at=checked_at,
+        )  # fmt: skip
         logger.error(message)
         raise TunesmithError(message)

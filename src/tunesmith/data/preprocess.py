@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import orjson
+
 from tunesmith.data.encode import encode_batch
 from tunesmith.data.fast_bpe import FastBPE
 from tunesmith.data.packing import IGNORE_INDEX
@@ -279,14 +281,16 @@ def kto_batch(
     return Batch(cols, stats)
 
 
-PROMPT_COLUMNS = ("input_ids", "prompt_text", "label_text")
+PROMPT_COLUMNS = ("input_ids", "prompt_text", "label_text", "prompt_messages", "row_source")
 
 
 def prompt_batch(
     rows: list[Row], *, codec: Codec, cutoff_len: int, truncation: Truncation = "keep_response"
 ) -> Batch:
     """Prompt-only rows (predict, ppo, grpo) -> input_ids of the prompt + generation prompt, prompt_text,
-    label_text (the last assistant turn's content, "" when none) and every ``extra`` column as is.
+    label_text (the last assistant turn's content, "" when none), prompt_messages (JSON text of the
+    prompt's canonical messages), row_source (the row's file:line (record i)) and every ``extra`` column
+    as is.
 
     A trailing assistant turn is the reference, not part of the prompt. Missing extras are None.
     """
@@ -308,7 +312,7 @@ def prompt_batch(
             )
     cols: dict[str, list[Any]] = {c: [] for c in (*PROMPT_COLUMNS, *extra_keys)}
     stats, decode = [], []
-    for row, label, f in zip(rows, labels, fit(units, codec, cutoff_len, truncation)):
+    for row, unit, label, f in zip(rows, units, labels, fit(units, codec, cutoff_len, truncation)):
         if f.too_long and truncation == "drop":
             stats.append(_stats(row, f, "too_long"))
             continue
@@ -318,6 +322,8 @@ def prompt_batch(
         cols["input_ids"].append(ids)
         cols["prompt_text"].append(f.rendered[0].text)
         cols["label_text"].append(label)
+        cols["prompt_messages"].append(orjson.dumps(unit.prompt).decode())
+        cols["row_source"].append(row.get("source", ""))
         for k in extra_keys:
             cols[k].append(row.get("extra", {}).get(k))
         stats.append(_stats(row, f))

@@ -11,6 +11,11 @@ from tunesmith.errors import TunesmithError
 STAGES = {
     "pt": "tunesmith.stages.pt",
     "sft": "tunesmith.stages.sft",
+    "rm": "tunesmith.stages.rm",
+    "dpo": "tunesmith.stages.dpo",
+    "kto": "tunesmith.stages.kto",
+    "ppo": "tunesmith.stages.ppo",
+    "grpo": "tunesmith.stages.grpo",
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from tunesmith.config import Config, write_resolved_config
 from tunesmith.errors import TunesmithError
 from tunesmith.launcher import configure_logging, read_launch_env
+from tunesmith.training.distributed import engine_kwargs, engine_label, local_main_first
 from tunesmith.training.setup import DataBundle, prepare_data, require_model, template_for
 
 log = logging.getLogger("tunesmith")
@@ -62,6 +63,7 @@ _RUN_OUTPUTS = (
     "pissa_init",
     "trainer_log.jsonl",
     "training_*.png",
+    "value_head.safetensors",
     "trainer_state.json",
     "all_results.json",
     "run.json",
@@ -105,14 +107,20 @@ def _precision(cfg: Config) -> tuple[str, dict[str, bool]]:
 
 
 def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) -> Any:
+    import torch
     from transformers import TrainingArguments
 
-    kw = cfg.training.hf_kwargs()
+    # deepspeed preset names -> files, fsdp words -> FSDP2; several CPU processes -> a gloo process group
+    world_size = read_launch_env(os.environ).world_size
+    kw = engine_kwargs(cfg.training.hf_kwargs(), world_size, cuda=torch.cuda.is_available())
     kw.update(precision)
     kw["remove_unused_columns"] = False  # our collator needs every column it was given
     kw.setdefault("report_to", "none")
     kw.setdefault("logging_steps", 10)
     kw.setdefault("logging_first_step", True)
+    # HF's NaN filter reads every micro-batch's loss on the host (a GPU sync per step); our watchdog
+    # finds a NaN/inf loss anyway and stops the run with a diagnosis.
+    kw.setdefault("logging_nan_inf_filter", False)
     # our token progress bar replaces HF's step bar (HF's own bar comes back with disable_tqdm: false)
     kw.setdefault("disable_tqdm", True)
     kw["resume_from_checkpoint"] = None  # passed to train() after resolving "auto"
@@ -168,6 +176,7 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         quantized=bool(m.quantization_bit),
         train_embedding_modules=loaded.train_embedding_modules,
     )
+    _one_trainable_dtype_for_zero3(tuned.model, f.finetuning_type)
     log.info(
         "model: %s | dtype %s | attention %s | gradient checkpointing %s",
         require_model(cfg),
@@ -176,6 +185,24 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         "on" if loaded.gradient_checkpointing else "off",
     )
     return tuned
+
+
+def _one_trainable_dtype_for_zero3(model: Any, finetuning_type: str) -> None:
+    """ZeRO-3 packs the trainable parameters into one flat buffer per dtype and asserts a single dtype.
+
+    Adapters (LoRA, freeze) next to a 16-bit base can mix dtypes (found on 2x H100: DeepSpeed 0.19.8's
+    `defragment` assertion); train them all in fp32 there, as LLaMA-Factory does. Full tuning keeps the
+    model's dtype (DeepSpeed holds its own fp32 master weights).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if finetuning_type == "full" or not is_deepspeed_zero3_enabled():
+        return
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _total_tokens(data: DataBundle, args: Any) -> int | None:
@@ -198,7 +225,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     from tunesmith.training.trainer import TunesmithTrainer
 
     launch = read_launch_env(os.environ)
-    configure_logging(launch.rank, launch.world_size, launch.rendezvous)
+    configure_logging(launch.rank, launch.world_size, launch.rendezvous, engine_label(cfg.training.hf))
     if not cfg.training.output_dir:
         raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
     out = Path(cfg.training.output_dir)
@@ -212,12 +239,16 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         new_special_tokens=cfg.model.new_special_tokens,
     )
     template = template_for(cfg, tokenizer)
-    # Creating TrainingArguments sets up the process group, so rank 0 can tokenize first and the
-    # other ranks then read its cache.
+    # Creating TrainingArguments sets up the process group, so each node's local rank 0 can tokenize
+    # first and the other ranks then read its cache; they wait on a barrier of their own with a long
+    # timeout, so a long tokenization cannot trip the training group's timeout.
     args_probe_eval = bool(cfg.data.val_size or cfg.data.eval_dataset)
     args = training_arguments(cfg, args_probe_eval, precision)
-    with args.main_process_first(desc="tokenize"):
+    with local_main_first(launch.local_rank):
         data = prepare_data(cfg, tokenizer, template, kind, is_main=args.process_index == 0)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # new LoRA weights are drawn while loading: seed first, so runs repeat
     tuned = _load_model(cfg, tokenizer, dtype)
 
     manifest = None
@@ -248,6 +279,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         processing_class=tokenizer,
         callbacks_bundle=bundle,
         loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
+        fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
     )
     if cfg.finetuning.early_stopping_steps:
         trainer.add_callback(
@@ -283,4 +315,9 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         trainer.save_metrics("all", metrics)
         finish_run_manifest(manifest, metrics, "completed")
     log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    if cfg.training.do_predict and args.process_index == 0:
+        from tunesmith.infer.predict import predict_after_training
+
+        del trainer, tuned  # free the training model: prediction loads the one just saved
+        predict_after_training(cfg, out)
     return TrainResult(out, metrics)

@@ -1,23 +1,34 @@
-"""The one HF Trainer subclass: token counting + loss watchdog per step, weighted loss, LoRA+ groups.
+"""The one HF Trainer subclass: token counting + loss watchdog per step, fused or weighted loss, LoRA+ groups.
 
 Loss normalisation: transformers' Trainer counts the supervised tokens of the whole gradient-accumulation
-window (`num_items_in_batch`) and the model's loss divides the summed token losses by it, so the loss is
-a mean over supervised tokens of the window, whatever the micro-batch / accumulation split
+window (`num_items_in_batch`) and the summed token losses are divided by it, so the loss is a mean over
+supervised tokens of the window, whatever the micro-batch / accumulation split
 (tests/training/test_invariants.py proves 8x1 == 1x8).
+
+The loss is computed by default without materialising the logits (`training.fused_ce`); the plain path
+(the model's own loss, or `weighted_causal_lm_loss` on its logits) stays for what the fused one cannot do,
+and the reason is logged once. Token counts and the watchdog's loss checks stay on the device until a
+logging step, so tunesmith's bookkeeping does not sync per micro-batch; the fused loss's selection of the
+supervised rows does, once (a data-dependent shape), before the forward is queued.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
+from tunesmith.training.fused_ce import FusedHead, probe_fused_head
+
+logger = logging.getLogger("tunesmith.train")
 
 
 class TunesmithTrainer(Trainer):
@@ -26,11 +37,14 @@ class TunesmithTrainer(Trainer):
         *args: Any,
         callbacks_bundle: TrainCallbacks,
         loraplus_lr_ratio: float | None = None,
+        fused_loss: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, callbacks=callbacks_bundle.as_list(), **kwargs)
         self.bundle = callbacks_bundle
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.fused_loss = fused_loss
+        self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -44,17 +58,54 @@ class TunesmithTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        """Mean next-token loss; fused unless turned off, unsupported, or logits are needed for metrics.
+
+        With the fused loss the returned outputs carry empty logits ([batch, 0, vocab]).
+        """
+        needs_logits = return_outputs and (
+            self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None
+        )
+        fused = None if needs_logits or "labels" not in inputs else self._fused_head(model, inputs)
         weights = inputs.pop("loss_weights", None)
-        if weights is None:
+        if fused is None and weights is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        loss = weighted_causal_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
+        if fused is None:
+            outputs = model(**inputs)
+            loss = weighted_causal_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
+        else:
+            total, count, outputs = fused.loss_sum(model, inputs, labels, weights)
+            denom = num_items_in_batch if num_items_in_batch is not None else count
+            loss = total / (denom.to(total.device) if isinstance(denom, torch.Tensor) else denom)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts the tokens of every rank and DDP averages gradients over ranks, so
             # scale back up, as Trainer.compute_loss does for the model's own loss.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_head(self, model: Any, inputs: dict[str, Any]) -> FusedHead | None:
+        """The fused head, decided (and logged) once, at the first batch."""
+        if self._fused is None:
+            self._fused = self._decide_fused(model, inputs)
+            if isinstance(self._fused, FusedHead):
+                weight = self._fused.head.weight
+                logger.info(
+                    "loss: fused lm_head + cross-entropy (head %s, %s, chunks of %d rows)",
+                    list(weight.shape), self._fused.transform, self._fused.chunk_rows,
+                )  # fmt: skip
+            else:
+                logger.info("loss: plain logits path (fused loss off: %s)", self._fused)
+        return self._fused if isinstance(self._fused, FusedHead) else None
+
+    def _decide_fused(self, model: Any, inputs: dict[str, Any]) -> FusedHead | str:
+        if not self.fused_loss:
+            return "turned off (fused_loss=False)"
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            return "FSDP / DeepSpeed ZeRO-3 shard the head weight, which only its own forward gathers"
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return "label_smoothing_factor or a custom compute_loss_func is set"
+        probe = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")}
+        return probe_fused_head(self.accelerator.unwrap_model(model), probe)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None or not self.loraplus_lr_ratio:

@@ -1,0 +1,1 @@
+"""Inference: one engine interface (HF, vLLM) behind chat, the OpenAI-compatible API and predict."""

@@ -1,0 +1,11 @@
+"""Direct preference optimisation and its variants (pref_loss: sigmoid, hinge, ipo, kto_pair, orpo, simpo)."""
+
+from __future__ import annotations
+
+from tunesmith.config import Config
+from tunesmith.training.causal_lm import TrainResult
+from tunesmith.training.pref_run import train_preference
+
+
+def run(cfg: Config) -> TrainResult:
+    return train_preference(cfg)

@@ -1,0 +1,11 @@
+"""Reward modelling: a value head on the causal LM, trained so chosen answers outscore rejected ones."""
+
+from __future__ import annotations
+
+from tunesmith.config import Config
+from tunesmith.training.causal_lm import TrainResult
+from tunesmith.training.pref_run import train_preference
+
+
+def run(cfg: Config) -> TrainResult:
+    return train_preference(cfg)

@@ -1,0 +1,280 @@
+"""Causal-LM loss without the [tokens x vocab] logits: the LM head and cross-entropy fused, chunk by chunk.
+
+Only positions whose next-token label is not -100 reach the head. Their hidden states go through the head
+``chunk_rows`` rows at a time: each chunk's logits are upcast to fp32, the token losses summed, and the
+gradients for the hidden states, the head weight and bias computed right there in the forward (the
+Liger / cut-cross-entropy approach), so the extra memory is ``chunk_rows x vocab``, never ``N x vocab``.
+Backward only scales the stored gradients by the incoming one.
+
+Applied to an HF model, the head's input is taken by a forward pre-hook that hands the head an empty
+sequence, so the model's own forward (DDP and PEFT wrappers included) runs unchanged and skips the logits.
+A probe on a few tokens checks once that this reproduces the model's logits (soft-capping and scaling
+included) before the fused loss is trusted; otherwise the caller keeps the plain path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+PROBE_TOKENS = 16
+PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk: about 2**27 logits (512 MiB in fp32) a chunk, between 256 and 4096 rows."""
+    return max(256, min(4096, 2**27 // max(vocab_size, 1)))
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to the head's output: ``z = x * scale``, then ``z = softcap * tanh(z / softcap)``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        """Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``."""
+        text = config.get_text_config()
+        scale = float(getattr(text, "logit_scale", None) or 1.0)
+        scale /= float(getattr(text, "logits_scaling", None) or 1.0)
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return cls(scale=scale, softcap=float(softcap) if softcap else None)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The transformed logits (for the probe and tests)."""
+        z = logits * self.scale if self.scale != 1.0 else logits
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    transform: LogitTransform,
+    chunk_rows: int,
+    want: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Sum of (weighted) token losses and, where ``want`` says so, gradients for hidden, weight, bias."""
+    want_h, want_w, want_b = want
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if want_h else None
+    # Accumulated in place with addmm (cuBLAS sums each chunk in fp32): no second [V, H] buffer.
+    grad_w = torch.zeros_like(weight) if want_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        end = min(start + chunk_rows, hidden.shape[0])
+        h = hidden[start:end].to(weight.dtype)
+        t = targets[start:end]
+        z = transform.apply(F.linear(h, weight, bias).float())  # [chunk, V], fp32 like the plain path
+        lse = torch.logsumexp(z, dim=-1)
+        row_loss = lse - z.gather(1, t[:, None]).squeeze(1)
+        w = token_weights[start:end].float() if token_weights is not None else None
+        total += (row_loss * w).sum() if w is not None else row_loss.sum()
+        if not any(want):
+            continue
+        # softmax; in z's own buffer unless the soft-cap derivative still needs z
+        g = (z - lse[:, None]).exp_() if transform.softcap else z.sub_(lse[:, None]).exp_()
+        g.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
+        if w is not None:
+            g.mul_(w[:, None])
+        if transform.softcap:
+            g.mul_(z.div_(transform.softcap).square_().neg_().add_(1.0))  # d(c*tanh(x/c))/dx = 1 - tanh^2
+        if transform.scale != 1.0:
+            g.mul_(transform.scale)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+        g = g.to(weight.dtype)
+        if grad_h is not None:
+            grad_h[start:end] = g @ weight
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+    return total, grad_h, grad_w, grad_b
+
+
+def _scale_(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``grad *= by`` in place (the buffer belongs to one autograd node), the product taken in fp32.
+
+    A bf16 tensor times a 0-dim fp32 tensor may round the factor to bf16 first (on CUDA), which would
+    scale the whole gradient by up to 0.4% off; blocks of ``rows`` keep the fp32 copy small.
+    """
+    if grad.dtype == torch.float32:
+        return grad.mul_(by)
+    for block in grad.split(rows):
+        block.copy_(block.float().mul_(by))
+    return grad
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and every gradient; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        token_weights: torch.Tensor | None,
+        transform: LogitTransform,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        needs = ctx.needs_input_grad
+        want = (needs[0], needs[1], bias is not None and needs[2])
+        total, grad_h, grad_w, grad_b = _chunked(
+            hidden, weight, bias, targets, token_weights, transform, chunk_rows, want
+        )
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h = _scale_(grad_h, grad_out) if grad_h is not None else None
+        grad_w = _scale_(grad_w, grad_out) if grad_w is not None else None
+        grad_b = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    transform: LogitTransform = LogitTransform(),
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Sum over rows of ``token_weight * cross_entropy(transform(hidden @ weight.T + bias), target)``.
+
+    hidden [N, H] (supervised positions only: no -100 targets), weight [V, H], targets [N], token_weights
+    [N]. Returns a 0-dim fp32 tensor; never allocates more than ``chunk_rows x V`` logits.
+    Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
+    """
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
+        return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3)[0]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows)
+
+
+@contextmanager
+def head_input(head: torch.nn.Module, skip_logits: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Collect what ``head`` is called with; with ``skip_logits`` it is handed an empty sequence instead."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        seen.append(args[0])
+        return (args[0][..., :0, :], *args[1:]) if skip_logits else None
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class FusedHead:
+    """A model's plain ``nn.Linear`` output head with its logit transform, ready for the fused loss."""
+
+    head: torch.nn.Linear
+    transform: LogitTransform
+    chunk_rows: int
+
+    def loss_sum(
+        self,
+        model: Any,
+        inputs: Mapping[str, Any],
+        labels: torch.Tensor,
+        token_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int, Any]:
+        """(sum of next-token losses, supervised tokens, model outputs with empty logits) of one batch.
+
+        ``model`` may be the wrapped one (DDP, PEFT): its forward runs as is, the head sees no tokens.
+        """
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        # The one data-dependent shape of the step (a device sync), taken before the forward is queued.
+        rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+        with head_input(self.head) as seen:
+            outputs = model(**inputs)
+        if len(seen) != 1:
+            raise RuntimeError(f"the output head ran {len(seen)} times in one forward; the probe saw once")
+        hidden = seen[0].reshape(-1, seen[0].shape[-1]).index_select(0, rows)
+        weights = None
+        if token_weights is not None:  # a weight goes with its label, so it shifts with it
+            weights = F.pad(token_weights[:, 1:], (0, 1)).reshape(-1).index_select(0, rows)
+        total = linear_cross_entropy(
+            hidden,
+            self.head.weight,
+            shifted.index_select(0, rows),
+            bias=self.head.bias,
+            token_weights=weights,
+            transform=self.transform,
+            chunk_rows=self.chunk_rows,
+        )
+        return total, rows.numel(), outputs
+
+
+def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None) -> FusedHead | str:
+    """The fused head of an (unwrapped) causal LM, or the reason it cannot be used.
+
+    Runs the model once, without gradients and in eval mode, on the first ``PROBE_TOKENS`` tokens of the
+    first row of ``inputs`` and checks that the head applied to what it was given, then the transform,
+    reproduces the model's logits.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        return "the model has no separate output head (get_output_embeddings() is None)"
+    if type(head) is not torch.nn.Linear:
+        return (
+            f"the output head is a {type(head).__module__}.{type(head).__name__}, not a plain Linear "
+            "(LoRA or modules_to_save on lm_head, or a quantized head)"
+        )
+    ids = inputs["input_ids"]
+    n = min(PROBE_TOKENS, ids.shape[1])
+    probe = {
+        k: v[:1, :n] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v
+        for k, v in inputs.items()
+    }
+    transform = LogitTransform.from_config(model.config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), head_input(head, skip_logits=False) as seen:
+            reference = model(**probe).logits.float()
+            if len(seen) != 1:
+                return f"the output head runs {len(seen)} times in one forward"
+            ours = transform.apply(F.linear(seen[0], head.weight, head.bias).float())
+    finally:
+        model.train(was_training)
+    if ours.shape != reference.shape:
+        return f"the head's output {tuple(ours.shape)} is not the model's logits {tuple(reference.shape)}"
+    error = float((ours - reference).abs().max()) / max(float(reference.abs().max()), 1.0)
+    if error > PROBE_TOLERANCE:
+        return (
+            f"head(hidden) with {transform} differs from the model's logits by {error:.2g} of the largest "
+            "logit: the model transforms its logits in a way the fused loss does not know"
+        )
+    return FusedHead(head, transform, chunk_rows or default_chunk_rows(head.weight.shape[0]))
+
+
+__all__ = [
+    "FusedHead",
+    "LogitTransform",
+    "default_chunk_rows",
+    "head_input",
+    "linear_cross_entropy",
+    "probe_fused_head",
+]

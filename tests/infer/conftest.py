@@ -1,0 +1,74 @@
+"""Fixtures of the inference tests: the tiny model, and the same model after a short SFT so that it
+answers the capital-city task and stops on its own (full weights, and a LoRA adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.training.helpers import run_config, write_sft_data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tunesmith.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def capital_data(tmp_path_factory) -> Path:
+    return write_sft_data(tmp_path_factory.mktemp("capitals") / "capitals.json", rows=16)
+
+
+def _train(tmp_path_factory, tiny_model_dir: Path, data: Path, name: str, **overrides) -> Path:
+    import os
+
+    import tunesmith
+
+    out = tmp_path_factory.mktemp(name) / "out"
+    cache = tmp_path_factory.mktemp(name + "-cache")
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(cache)
+    try:
+        cfg = tunesmith.load_config(
+            None, [f"{k}={v}" for k, v in run_config(tiny_model_dir, data, out, **overrides).items()]
+        )
+        tunesmith.run(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_CACHE", None)
+        else:
+            os.environ["TUNESMITH_CACHE"] = old
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_full(tmp_path_factory, tiny_model_dir, capital_data) -> Path:
+    """The tiny model fine-tuned (full) until it answers and stops: a merged/plain model folder."""
+    return _train(
+        tmp_path_factory,
+        tiny_model_dir,
+        capital_data,
+        "full",
+        finetuning_type="full",
+        max_steps=40,
+        learning_rate=3e-3,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_lora(tmp_path_factory, tiny_model_dir, capital_data) -> Path:
+    """A LoRA adapter folder over the tiny model (tokenizer and chat template saved beside it)."""
+    return _train(tmp_path_factory, tiny_model_dir, capital_data, "lora", max_steps=30, learning_rate=2e-2)
