@@ -203,9 +203,7 @@ def test_default_system_replaces_the_templates(capsys, tmp_path):
 
 def test_keys_of_later_commands_are_warned_not_ignored(capsys, tmp_path):
     path = _write(tmp_path / "d.jsonl", '{"instruction": "q", "output": "a"}\n')
-    code, out, _ = run_cli(
-        capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "export_size=2"
-    )
+    code, out, _ = run_cli(capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "export_size=2")
     assert code == 0 and "export_size are for tunesmith export" in out
 
 
