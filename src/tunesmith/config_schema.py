@@ -84,6 +84,10 @@ class FinetuningArgs:
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
     lora_target: tuple[str, ...] = opt(("all",), "Module names that get LoRA adapters; 'all' = every linear.")
     additional_target: tuple[str, ...] = opt((), "Extra modules trained in full besides LoRA (e.g. lm_head).")
+    pure_bf16: bool = opt(
+        False,
+        "Keep trained weights in bf16 (no fp32 copy): less memory, but small updates are lost to rounding.",
+    )
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling.")
     pissa_init: bool = opt(False, "Initialise LoRA from principal singular vectors (PiSSA).")
@@ -293,7 +297,7 @@ video_min_pixels video_fps video_maxlen use_audio_in_video audio_sampling_rate m
 export_quantization_bit export_quantization_dataset export_quantization_nsamples
 export_quantization_maxlen vllm_config sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_config
 sglang_lora_backend eval_num_beams ignore_pad_token_for_loss eval_on_each_dataset
-data_shared_file_system pure_bf16 use_llama_pro use_adam_mini use_muon freeze_vision_tower
+data_shared_file_system use_llama_pro use_adam_mini use_muon freeze_vision_tower
 freeze_multi_modal_projector freeze_language_model compute_accuracy disable_shuffling
  include_effective_tokens_per_second loraplus_lr_embedding pissa_convert
  ppo_buffer_size

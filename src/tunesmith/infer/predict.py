@@ -2,7 +2,7 @@
 
 config -> tokenizer + template -> prompt rows (the data pipeline, stage "predict", cached) -> rows sorted
 by prompt length (longest first: little padding, and an out-of-memory error shows at once) -> batches ->
-one engine per GPU (worker processes pulling batches from a shared queue) or in this process -> the one
+one engine per GPU (worker processes, each a shard of the batches) or in this process -> the one
 writer appends each finished batch (predict_io) -> the file reordered to data order -> summary -> score.
 
 Data: ``eval_dataset`` (like LLaMA-Factory's do_predict), else the ``val_size`` split of ``dataset``,
@@ -148,8 +148,16 @@ def _identity(cfg: Config, settings: SamplingSettings) -> dict[str, Any]:
 def predict(
     cfg: Config, *, processes: int | None = None, score: bool = True, fresh: bool = False
 ) -> PredictSummary:
-    """Generate for every sample not yet in output_dir/predictions.jsonl, appending as batches finish."""
+    """Generate for every sample not yet in output_dir/predictions.jsonl, appending as batches finish.
+
+    With ``stage: rm`` the configured reward model scores chosen/rejected pairs instead (reward_predict).
+    """
     import torch
+
+    if cfg.finetuning.stage == "rm":
+        from tunesmith.infer.reward_predict import predict_rewards
+
+        return predict_rewards(cfg, fresh=fresh)  # type: ignore[return-value]
 
     from tunesmith.training.setup import template_for
 
@@ -248,13 +256,16 @@ def _run_parallel(
     cuda: bool,
     engines: list[dict[str, Any]],
 ) -> Any:
-    """Yield batch results from `processes` workers (one per GPU on CUDA); the caller is the one writer."""
+    """Yield batch results from `processes` workers (one per GPU on CUDA); the caller is the one writer.
+
+    Worker k gets batches k, k+n, k+2n, ... of the length-sorted list: shards of the same length mix.
+    """
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-    task_q, result_q = ctx.Queue(), ctx.Queue()
-    for t in tasks:
-        task_q.put(t)
-    for _ in range(processes):
-        task_q.put(None)
+    task_qs, result_q = [ctx.Queue() for _ in range(processes)], ctx.Queue()
+    for k, t in enumerate(tasks):
+        task_qs[k % processes].put(t)
+    for q in task_qs:
+        q.put(None)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(processes)]
     threads = None if cuda else max(1, (os.cpu_count() or 1) // processes)
@@ -262,7 +273,7 @@ def _run_parallel(
     try:
         for rank in range(processes):
             args = (rank, gpus[rank] if cuda else None, threads, cfg, data.rows.parts, data.extra_columns,
-                    settings, task_q, result_q, os.getpid())  # fmt: skip
+                    settings, task_qs[rank], result_q, os.getpid())  # fmt: skip
             p = ctx.Process(target=worker_main, args=args, daemon=True, name=f"tunesmith-predict-{rank}")
             p.start()
             procs.append(p)

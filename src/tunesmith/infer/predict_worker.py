@@ -1,7 +1,7 @@
 """The generating side of predict: batches of prompt rows -> JSON lines, in this process or in a worker.
 
-A worker process (one per GPU) loads its own engine, takes batches from a shared task queue (so a fast
-GPU simply takes more) and sends each finished batch's lines back to the one writer, the parent. It stops
+A worker process (one per GPU) loads its own engine, takes the batches of its shard from its task queue
+and sends each finished batch's lines back to the one writer, the parent. It stops
 on a ``None`` task, and on its own when the parent is gone (a kill -9 of the parent leaves no orphan
 generating on).
 """

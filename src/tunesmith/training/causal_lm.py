@@ -176,7 +176,7 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         quantized=bool(m.quantization_bit),
         train_embedding_modules=loaded.train_embedding_modules,
     )
-    _one_trainable_dtype_for_zero3(tuned.model, f.finetuning_type)
+    _set_trainable_dtype(tuned.model, cfg)
     log.info(
         "model: %s | dtype %s | attention %s | gradient checkpointing %s",
         require_model(cfg),
@@ -187,22 +187,38 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
     return tuned
 
 
-def _one_trainable_dtype_for_zero3(model: Any, finetuning_type: str) -> None:
-    """ZeRO-3 packs the trainable parameters into one flat buffer per dtype and asserts a single dtype.
+def _set_trainable_dtype(model: Any, cfg: Config) -> None:
+    """Trained weights in fp32 with 16-bit compute (autocast), as LLaMA-Factory does.
 
-    Adapters (LoRA, freeze) next to a 16-bit base can mix dtypes (found on 2x H100: DeepSpeed 0.19.8's
-    `defragment` assertion); train them all in fp32 there, as LLaMA-Factory does. Full tuning keeps the
-    model's dtype (DeepSpeed holds its own fp32 master weights).
+    An AdamW update (about lr) is far below bf16's resolution for most weights, so pure bf16 full
+    fine-tuning loses most updates: on 2x H200, 50 steps of Qwen2.5-0.5B at lr 1e-5 ended at loss 11.18
+    in pure bf16 against 10.18 with fp32 master weights (bench/results/multi_gpu-*-full-*). `pure_bf16`
+    opts out. DeepSpeed and FSDP keep fp32 master weights themselves, so full tuning leaves the model's
+    dtype to them; ZeRO-3 packs trainable weights per dtype and needs one, so adapters go fp32 there.
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if finetuning_type == "full" or not is_deepspeed_zero3_enabled():
-        return
     import torch
 
+    hf = cfg.training.hf
+    sharded = bool(hf.get("deepspeed") or hf.get("fsdp"))
+    if cfg.finetuning.pure_bf16 or (sharded and cfg.finetuning.finetuning_type == "full"):
+        return
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
+
+
+def restore_loaded_dtype(model: Any, cfg: Config) -> None:
+    """Full/freeze results are saved in the dtype the model was loaded in, not in the fp32 of training."""
+    import torch
+
+    hf = cfg.training.hf
+    if cfg.finetuning.finetuning_type == "lora" or hf.get("deepspeed") or hf.get("fsdp"):
+        return
+    loaded = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(loaded, str):
+        loaded = getattr(torch, loaded, None)
+    if loaded in (torch.bfloat16, torch.float16):
+        model.to(loaded)
 
 
 def _total_tokens(data: DataBundle, args: Any) -> int | None:
@@ -306,6 +322,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         metrics.update(ev)
         if "eval_loss" in ev:
             metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+    restore_loaded_dtype(trainer.model, cfg)
     trainer.save_model(str(out))
     if args.process_index == 0:
         if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora":

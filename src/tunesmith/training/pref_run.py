@@ -22,6 +22,7 @@ from tunesmith.training.causal_lm import (
     _load_model,
     _precision,
     resolve_resume,
+    restore_loaded_dtype,
     training_arguments,
 )
 from tunesmith.training.distributed import engine_label, local_main_first
@@ -247,6 +248,7 @@ def train_preference(cfg: Config) -> TrainResult:
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    restore_loaded_dtype(trainer.model, cfg)
     trainer.save_model(str(out))
     if args.process_index == 0:
         save_tokenizer_and_generation_config(out, tokenizer, template, lm)
@@ -254,4 +256,9 @@ def train_preference(cfg: Config) -> TrainResult:
         trainer.save_metrics("all", metrics)
         finish_run_manifest(manifest, metrics, "completed")
     log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    if cfg.training.do_predict and cfg.finetuning.stage == "rm" and args.process_index == 0:
+        from tunesmith.infer.predict import predict_after_training
+
+        del trainer  # free the training model: scoring loads the one just saved
+        predict_after_training(cfg, out)  # chosen/rejected scores of the eval (else training) pairs
     return TrainResult(out, metrics)

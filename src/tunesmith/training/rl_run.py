@@ -24,6 +24,7 @@ from tunesmith.training.causal_lm import (
     _load_model,
     _precision,
     resolve_resume,
+    restore_loaded_dtype,
     training_arguments,
 )
 from tunesmith.training.distributed import engine_label, local_main_first
@@ -208,6 +209,7 @@ def train_rl(cfg: Config) -> TrainResult:
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     lm.generation_config = shipped_generation_config
+    restore_loaded_dtype(trainer.model, cfg)
     trainer.save_model(str(out))
     if args.process_index == 0:
         save_tokenizer_and_generation_config(out, tokenizer, template, lm)
