@@ -69,6 +69,24 @@ def pref_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def competent_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model after a short SFT by our own sft stage on the task's format, with lovely and awful
+    answers in equal numbers: it answers "<city> is ..." but prefers neither, so what rm, dpo and kto
+    learn afterwards is the preference itself."""
+    root = tmp_path_factory.mktemp("sft_first")
+    pairs = [_pair(i, TRAIN_CITIES[i % len(TRAIN_CITIES)]) for i in range(24)]
+    rows = [
+        {"instruction": p["instruction"], "output": p["chosen"] if i % 2 == 0 else p["rejected"]}
+        for i, p in enumerate(pairs)
+    ]
+    (root / "sft.json").write_text(json.dumps(rows))
+    out = root / "out"
+    train(tiny_model_dir, root / "sft.json", out, stage="sft", finetuning_type="full", learning_rate=1e-3,
+          max_steps=20)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> Path:
     """A second tiny model (another seed): a reference that differs from the policy from step 0."""
     from tunesmith.tiny_model import build_tiny_model
@@ -97,14 +115,14 @@ def _held_out_batch(tokenizer, side: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_rm_beats_chance_on_held_out_pairs_and_loads_back(method, tiny_model_dir, pref_dir, tmp_path):
+def test_rm_beats_chance_on_held_out_pairs_and_loads_back(method, competent_model_dir, pref_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from tunesmith.training.reward import load_reward_model
 
     out = tmp_path / "rm"
     lr = 1e-2 if method == "lora" else 1e-3
-    _train(tiny_model_dir, pref_dir, out, "rm", finetuning_type=method, learning_rate=lr, max_steps=10)
+    _train(competent_model_dir, pref_dir, out, "rm", finetuning_type=method, learning_rate=lr, max_steps=20)
 
     logs = _logs(out)
     assert all(math.isfinite(r["loss"]) for r in logs)
@@ -122,9 +140,9 @@ def test_rm_beats_chance_on_held_out_pairs_and_loads_back(method, tiny_model_dir
     assert accuracy >= 0.75, (chosen, rejected)
 
 
-def test_dpo_lora_rewards_rise_with_adapter_disabled_reference(tiny_model_dir, pref_dir, tmp_path):
+def test_dpo_lora_rewards_rise_with_adapter_disabled_reference(competent_model_dir, pref_dir, tmp_path):
     out = tmp_path / "dpo"
-    _train(tiny_model_dir, pref_dir, out, "dpo", pref_ftx=0.1, plot_loss=True)
+    _train(competent_model_dir, pref_dir, out, "dpo", pref_ftx=0.1, plot_loss=True)
 
     logs = _logs(out)
     assert len(logs) == 12
@@ -172,9 +190,9 @@ def test_precomputed_reference_gives_the_live_reference_losses(
         assert all(abs(loss - math.log(2)) > 1e-4 for loss in losses["live"][1:])
 
 
-def test_kto_logs_finite_kl_and_rewards(tiny_model_dir, pref_dir, tmp_path):
+def test_kto_logs_finite_kl_and_rewards(competent_model_dir, pref_dir, tmp_path):
     out = tmp_path / "kto"
-    _train(tiny_model_dir, pref_dir, out, "kto", kto_rejected_weight=1.5, val_size=0.25)
+    _train(competent_model_dir, pref_dir, out, "kto", kto_rejected_weight=1.5, val_size=0.25)
 
     logs = _logs(out)
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
