@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import Config, write_resolved_config
+from tunesmith.config import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.launcher import configure_logging, read_launch_env
-from tunesmith.training.distributed import engine_kwargs, engine_label, local_main_first
-from tunesmith.training.setup import DataBundle, prepare_data, require_model, template_for
+from tunesmith.launcher import read_launch_env
+from tunesmith.training.distributed import engine_kwargs
+from tunesmith.training.setup import DataBundle, require_model
 
 log = logging.getLogger("tunesmith")
 
@@ -232,67 +232,27 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     """Run one pt or sft training from a validated config."""
     from transformers import EarlyStoppingCallback
 
-    from tunesmith.data.cache import tokenizer_digest
     from tunesmith.data.collate import CausalLMCollator
-    from tunesmith.model.loader import load_tokenizer
-    from tunesmith.runs import finish_run_manifest, start_run_manifest
     from tunesmith.train_callbacks import training_callbacks
-    from tunesmith.training.outputs import save_tokenizer_and_generation_config
+    from tunesmith.training.run_steps import finish_run, start_run
     from tunesmith.training.trainer import TunesmithTrainer
 
-    launch = read_launch_env(os.environ)
-    configure_logging(launch.rank, launch.world_size, launch.rendezvous, engine_label(cfg.training.hf))
-    if not cfg.training.output_dir:
-        raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
-    out = Path(cfg.training.output_dir)
-    resume = resolve_resume(cfg.training.resume_from_checkpoint, out)
-    _check_output_dir(cfg, out, resume, is_main=launch.rank == 0)
-
-    dtype, precision = _precision(cfg)
-    tokenizer = load_tokenizer(
-        require_model(cfg),
-        trust_remote_code=cfg.model.trust_remote_code,
-        new_special_tokens=cfg.model.new_special_tokens,
-    )
-    template = template_for(cfg, tokenizer)
-    # Creating TrainingArguments sets up the process group, so each node's local rank 0 can tokenize
-    # first and the other ranks then read its cache; they wait on a barrier of their own with a long
-    # timeout, so a long tokenization cannot trip the training group's timeout.
-    args_probe_eval = bool(cfg.data.val_size or cfg.data.eval_dataset)
-    args = training_arguments(cfg, args_probe_eval, precision)
-    with local_main_first(launch.local_rank):
-        data = prepare_data(cfg, tokenizer, template, kind, is_main=args.process_index == 0)
-    from transformers import set_seed
-
-    set_seed(cfg.training.seed)  # new LoRA weights are drawn while loading: seed first, so runs repeat
-    tuned = _load_model(cfg, tokenizer, dtype)
-
-    manifest = None
-    if args.process_index == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(cfg, out)
-        manifest = start_run_manifest(
-            out,
-            cfg.to_flat_dict(),
-            {c.name: c.key for c in data.prepared.converted},
-            tokenizer_digest(tokenizer),
-            cfg.training.seed,
-        )
+    run = start_run(cfg, kind)
+    args, tuned, out = run.args, run.tuned, run.out
     bundle = training_callbacks(
         plot_loss=cfg.training.plot_loss,
-        total_tokens=_total_tokens(data, args),
+        total_tokens=_total_tokens(run.data, args),
         progress_bar=args.disable_tqdm,
     )
-    collator = CausalLMCollator(
-        tokenizer.pad_token_id, pad_to_multiple_of=8 if precision["bf16"] or precision["fp16"] else 1
-    )
+    bf16_or_fp16 = run.precision["bf16"] or run.precision["fp16"]
+    collator = CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8 if bf16_or_fp16 else 1)
     trainer = TunesmithTrainer(
         model=tuned.model,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
+        train_dataset=run.data.train,
+        eval_dataset=run.data.eval,
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=run.tokenizer,
         callbacks_bundle=bundle,
         loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
@@ -301,40 +261,25 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         trainer.add_callback(
             EarlyStoppingCallback(early_stopping_patience=cfg.finetuning.early_stopping_steps)
         )
+    pissa = cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora"
     pissa_dir = out / "pissa_init"
-    if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora" and args.process_index == 0:
+    if pissa and run.is_main:
         tuned.model.save_pretrained(pissa_dir)  # the initial adapter, for converting the result on save
 
-    status = "failed"
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-        status = "completed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        if manifest is not None and status != "completed":
-            finish_run_manifest(manifest, {}, status)
+    def convert_pissa() -> None:
+        trainer.model.save_pretrained(out, path_initial_model_for_weight_conversion=str(pissa_dir))
 
-    metrics = dict(result.metrics)
-    if data.eval is not None:
-        ev = trainer.evaluate()
-        metrics.update(ev)
-        if "eval_loss" in ev:
-            metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
-    restore_loaded_dtype(trainer.model, cfg)
-    trainer.save_model(str(out))
-    if args.process_index == 0:
-        if cfg.finetuning.pissa_init and cfg.finetuning.finetuning_type == "lora":
-            trainer.model.save_pretrained(out, path_initial_model_for_weight_conversion=str(pissa_dir))
-        save_tokenizer_and_generation_config(out, tokenizer, template, trainer.model)
-        trainer.save_state()
-        trainer.save_metrics("all", metrics)
-        finish_run_manifest(manifest, metrics, "completed")
-    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    if cfg.training.do_predict and args.process_index == 0:
+    metrics = finish_run(
+        run,
+        trainer,
+        eval_metrics=lambda ev: (
+            {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
+        ),
+        after_save=convert_pissa if pissa else None,
+    )
+    if cfg.training.do_predict and run.is_main:
         from tunesmith.infer.predict import predict_after_training
 
-        del trainer, tuned  # free the training model: prediction loads the one just saved
+        del trainer, tuned, run  # free the training model: prediction loads the one just saved
         predict_after_training(cfg, out)
     return TrainResult(out, metrics)

@@ -9,26 +9,15 @@ with the preference metrics, loss and reward plots).
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-from tunesmith.config import Config, write_resolved_config
+from tunesmith.config import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.launcher import configure_logging, read_launch_env
 from tunesmith.training.causal_lm import (
     TrainResult,
-    _check_output_dir,
-    _load_model,
-    _precision,
-    resolve_resume,
-    restore_loaded_dtype,
-    training_arguments,
 )
-from tunesmith.training.distributed import engine_label, local_main_first
 from tunesmith.training.pref_losses import REFERENCE_FREE
 from tunesmith.training.reference import Reference
-from tunesmith.training.setup import prepare_data, require_model, template_for
 
 log = logging.getLogger("tunesmith")
 
@@ -150,22 +139,15 @@ def _supervised_tokens(dataset: Any, stage: str) -> int:
 
 def train_preference(cfg: Config) -> TrainResult:
     """Run one rm, dpo or kto training from a validated config."""
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback
 
-    from tunesmith.data.cache import tokenizer_digest
     from tunesmith.data.collate_pref import PairwiseCollator
-    from tunesmith.model.loader import load_tokenizer
-    from tunesmith.runs import finish_run_manifest, start_run_manifest
     from tunesmith.train_callbacks import training_callbacks
-    from tunesmith.training.outputs import save_tokenizer_and_generation_config
     from tunesmith.training.preference import PlotPreferenceCallback
     from tunesmith.training.reward import RewardTrainer, ValueHeadModel, hidden_size_of
+    from tunesmith.training.run_steps import finish_run, start_run
 
     stage, f = cfg.finetuning.stage, cfg.finetuning
-    launch = read_launch_env(os.environ)
-    configure_logging(launch.rank, launch.world_size, launch.rendezvous, engine_label(cfg.training.hf))
-    if not cfg.training.output_dir:
-        raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
     if cfg.data.packing:
         raise TunesmithError(
             f"packing: stage {stage} compares whole sequences and cannot pack them; set packing: false"
@@ -175,37 +157,9 @@ def train_preference(cfg: Config) -> TrainResult:
         raise TunesmithError(
             f"pissa_init: stage {stage} needs the unmodified base model; set pissa_init: false"
         )
-    out = Path(cfg.training.output_dir)
-    resume = resolve_resume(cfg.training.resume_from_checkpoint, out)
-    _check_output_dir(cfg, out, resume, is_main=launch.rank == 0)
-
-    dtype, precision = _precision(cfg)
-    tokenizer = load_tokenizer(
-        require_model(cfg),
-        trust_remote_code=cfg.model.trust_remote_code,
-        new_special_tokens=cfg.model.new_special_tokens,
-    )
-    template = template_for(cfg, tokenizer)
-    args = training_arguments(cfg, bool(cfg.data.val_size or cfg.data.eval_dataset), precision)
-    with local_main_first(launch.local_rank):
-        data = prepare_data(cfg, tokenizer, template, stage, is_main=args.process_index == 0)
-    # seeded before the model exists: LoRA's A matrices (and a new value head) are drawn at load time,
-    # before the Trainer seeds, and a run must be repeatable
-    set_seed(cfg.training.seed)
-    tuned = _load_model(cfg, tokenizer, dtype)
+    run = start_run(cfg, stage)
+    args, tokenizer, data, tuned = run.args, run.tokenizer, run.data, run.tuned
     lm = tuned.model
-
-    manifest = None
-    if args.process_index == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(cfg, out)
-        manifest = start_run_manifest(
-            out,
-            cfg.to_flat_dict(),
-            {c.name: c.key for c in data.prepared.converted},
-            tokenizer_digest(tokenizer),
-            cfg.training.seed,
-        )
     per_epoch = _supervised_tokens(data.prepared.train, stage)
     bundle = training_callbacks(
         plot_loss=cfg.training.plot_loss,
@@ -214,7 +168,7 @@ def train_preference(cfg: Config) -> TrainResult:
         # a hinge loss is exactly 0 once every margin is met: that is success, not a masked batch
         zero_loss_patience=10**9 if f.pref_loss == "hinge" and stage == "dpo" else 3,
     )
-    multiple = 8 if precision["bf16"] or precision["fp16"] else 1
+    multiple = 8 if run.precision["bf16"] or run.precision["fp16"] else 1
     common: dict[str, Any] = {
         "args": args,
         "processing_class": tokenizer,
@@ -228,37 +182,17 @@ def train_preference(cfg: Config) -> TrainResult:
             model=model, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator, **common
         )
     else:
-        trainer = _preference_trainer(cfg, tuned, tokenizer, dtype, data, multiple, common)
+        trainer = _preference_trainer(cfg, tuned, tokenizer, run.dtype, data, multiple, common)
     if cfg.training.plot_loss:
         trainer.add_callback(PlotPreferenceCallback())
     if f.early_stopping_steps:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=f.early_stopping_steps))
 
-    status = "failed"
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-        status = "completed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        if manifest is not None and status != "completed":
-            finish_run_manifest(manifest, {}, status)
-
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    restore_loaded_dtype(trainer.model, cfg)
-    trainer.save_model(str(out))
-    if args.process_index == 0:
-        save_tokenizer_and_generation_config(out, tokenizer, template, lm)
-        trainer.save_state()
-        trainer.save_metrics("all", metrics)
-        finish_run_manifest(manifest, metrics, "completed")
-    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    if cfg.training.do_predict and cfg.finetuning.stage == "rm" and args.process_index == 0:
+    out = run.out
+    metrics = finish_run(run, trainer, lm=lm)
+    if cfg.training.do_predict and stage == "rm" and run.is_main:
         from tunesmith.infer.predict import predict_after_training
 
-        del trainer  # free the training model: scoring loads the one just saved
+        del trainer, run, tuned, lm  # free the training model: scoring loads the one just saved
         predict_after_training(cfg, out)  # chosen/rejected scores of the eval (else training) pairs
     return TrainResult(out, metrics)

@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-from tunesmith.config import Config, write_resolved_config
+from tunesmith.config import Config
 from tunesmith.errors import TunesmithError
-from tunesmith.launcher import configure_logging, read_launch_env
 from tunesmith.training.causal_lm import (
     TrainResult,
-    _check_output_dir,
-    _load_model,
-    _precision,
-    resolve_resume,
-    restore_loaded_dtype,
-    training_arguments,
 )
-from tunesmith.training.distributed import engine_label, local_main_first
 from tunesmith.training.reference import Reference
-from tunesmith.training.setup import prepare_data, require_model, template_for
 
 log = logging.getLogger("tunesmith")
 
@@ -118,64 +107,34 @@ def _algorithm(
 
 def train_rl(cfg: Config) -> TrainResult:
     """Run one grpo or ppo training from a validated config."""
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    from tunesmith.data.cache import tokenizer_digest
-    from tunesmith.model.loader import load_tokenizer
-    from tunesmith.runs import finish_run_manifest, start_run_manifest
     from tunesmith.train_callbacks import training_callbacks
-    from tunesmith.training.outputs import save_tokenizer_and_generation_config
     from tunesmith.training.rl_trainer import PlotRewardCallback, RLTrainer
     from tunesmith.training.rollout import collate_prompts
+    from tunesmith.training.run_steps import finish_run, start_run
 
     stage, f = cfg.finetuning.stage, cfg.finetuning
-    launch = read_launch_env(os.environ)
-    configure_logging(launch.rank, launch.world_size, launch.rendezvous, engine_label(cfg.training.hf))
-    if not cfg.training.output_dir:
-        raise TunesmithError("output_dir is not set: where should checkpoints and the trained model go?")
     if cfg.data.packing:
         raise TunesmithError(f"packing: stage {stage} trains on generated completions; set packing: false")
     if f.pissa_init and f.finetuning_type == "lora":
         raise TunesmithError(
             f"pissa_init: stage {stage} needs the unmodified base model as reference; set pissa_init: false"
         )
-    out = Path(cfg.training.output_dir)
-    resume = resolve_resume(cfg.training.resume_from_checkpoint, out)
-    _check_output_dir(cfg, out, resume, is_main=launch.rank == 0)
 
-    dtype, precision = _precision(cfg)
-    tokenizer = load_tokenizer(
-        require_model(cfg),
-        trust_remote_code=cfg.model.trust_remote_code,
-        new_special_tokens=cfg.model.new_special_tokens,
-    )
-    template = template_for(cfg, tokenizer)
-    args = training_arguments(cfg, bool(cfg.data.val_size or cfg.data.eval_dataset), precision)
-    if is_deepspeed_zero3_enabled() or args.fsdp:
-        raise TunesmithError(
-            f"stage {stage} generates with the policy's whole weights on each GPU, which DeepSpeed ZeRO-3 and "
-            "FSDP shard. Fix: use deepspeed: zero2 or no engine (DDP)"
-        )
-    with local_main_first(launch.local_rank):
-        data = prepare_data(cfg, tokenizer, template, stage, is_main=args.process_index == 0)
-    set_seed(cfg.training.seed)  # LoRA weights and the value head are drawn at load time
-    tuned = _load_model(cfg, tokenizer, dtype)
-    lm = tuned.model
+    def refuse_sharded(args: Any) -> None:
+        if is_deepspeed_zero3_enabled() or args.fsdp:
+            raise TunesmithError(
+                f"stage {stage} generates with the policy's whole weights on each GPU, which DeepSpeed ZeRO-3 "
+                "and FSDP shard. Fix: use deepspeed: zero2 or no engine (DDP)"
+            )
+
+    run = start_run(cfg, stage, check_args=refuse_sharded)
+    args, tokenizer, data = run.args, run.tokenizer, run.data
+    lm = run.tuned.model
     shipped_generation_config = copy.deepcopy(lm.generation_config)  # the engine blanks the model's own
-    model, algorithm = _algorithm(cfg, lm, tokenizer, template, dtype, args.device)
-
-    manifest = None
-    if args.process_index == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(cfg, out)
-        manifest = start_run_manifest(
-            out,
-            cfg.to_flat_dict(),
-            {c.name: c.key for c in data.prepared.converted},
-            tokenizer_digest(tokenizer),
-            cfg.training.seed,
-        )
+    model, algorithm = _algorithm(cfg, lm, tokenizer, run.template, run.dtype, args.device)
     bundle = training_callbacks(
         plot_loss=cfg.training.plot_loss,
         total_tokens=None,  # completions are generated: the token count of a run is unknown up front
@@ -194,27 +153,8 @@ def train_rl(cfg: Config) -> TrainResult:
     if f.early_stopping_steps:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=f.early_stopping_steps))
 
-    status = "failed"
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-        status = "completed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        if manifest is not None and status != "completed":
-            finish_run_manifest(manifest, {}, status)
+    def restore_generation_config() -> None:
+        lm.generation_config = shipped_generation_config
 
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    lm.generation_config = shipped_generation_config
-    restore_loaded_dtype(trainer.model, cfg)
-    trainer.save_model(str(out))
-    if args.process_index == 0:
-        save_tokenizer_and_generation_config(out, tokenizer, template, lm)
-        trainer.save_state()
-        trainer.save_metrics("all", metrics)
-        finish_run_manifest(manifest, metrics, "completed")
-    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    return TrainResult(out, metrics)
+    metrics = finish_run(run, trainer, lm=lm, before_save=restore_generation_config)
+    return TrainResult(run.out, metrics)
