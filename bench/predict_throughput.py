@@ -114,7 +114,7 @@ def plain_check(model_dir: Path, predictions: Path, n: int, dtype: str, max_new_
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0],
     )  # fmt: skip
-    same, differ = 0, []
+    same, differ, agree = 0, [], []
     t0 = time.perf_counter()
     for r in recs:
         ids = tok.backend_tokenizer.encode(r["prompt"], add_special_tokens=False).ids
@@ -128,7 +128,14 @@ def plain_check(model_dir: Path, predictions: Path, n: int, dtype: str, max_new_
             same += 1
         else:
             differ.append(r["id"])
+        # how far the two answers agree before they part (1.0 = identical)
+        prefix = next(
+            (i for i, (x, y) in enumerate(zip(text, r["predict"])) if x != y),
+            min(len(text), len(r["predict"])),
+        )
+        agree.append(prefix / max(len(text), len(r["predict"]), 1))
     return {"dtype": dtype, "prompts": len(recs), "identical": same, "differ_ids": differ[:10],
+            "agreeing_prefix_share_mean": round(sum(agree) / max(len(agree), 1), 4),
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
@@ -208,6 +215,8 @@ def main() -> int:
     )
     p.add_argument("--lf-python", default=None, help="python of a LLaMA-Factory venv (instead)")
     p.add_argument("--phases", nargs="+", default=["tunesmith", "check", "llamafactory"])
+    p.add_argument("--check-dtype", choices=["auto", "float32"], default="auto",
+                   help="auto: check the bf16 run, then fp32 if some differ; float32: only the fp32 check")  # fmt: skip
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny model, 16 prompts, 16 tokens; LLaMA-Factory only when --lf-python/--lf-pythonpath")  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-predict-bench"))
@@ -243,7 +252,15 @@ def main() -> int:
     if "tunesmith" in a.phases:
         results["tunesmith"] = run_tunesmith(model, prompts, ts_out, a)
         save()
-    if "check" in a.phases and results.get("tunesmith", {}).get("exit_code") == 0:
+    if "check" in a.phases and a.check_dtype == "float32":
+        # straight to fp32: on a random-init model bf16 rounding flips near-tied argmaxes (see bench/README)
+        fp32_out = a.work / "tunesmith-fp32"
+        run = run_tunesmith(model, prompts, fp32_out, a, infer_dtype="float32", max_samples=a.check)
+        checks = [run if run["exit_code"] else
+                  plain_check(model, fp32_out / "predictions.jsonl", a.check, "float32", a.max_new_tokens)]  # fmt: skip
+        results["check"] = checks
+        save()
+    elif "check" in a.phases and results.get("tunesmith", {}).get("exit_code") == 0:
         dtype = "float32" if a.cpu_smoke else "bfloat16"
         checks = [plain_check(model, ts_out / "predictions.jsonl", a.check, dtype, a.max_new_tokens)]
         results["check"] = checks
