@@ -182,5 +182,6 @@ class LossWatchdog(TrainerCallback):
             what, step, nonfinite=nonfinite, fp16=self.fp16, lr=self.lr, batch_file=batch_file,
             batch=batch, checked_at=checked_at,
         )  # fmt: skip
-        logger.error(message)
+        # The CLI prints the error's full diagnosis; the log keeps one line, so it is not said twice.
+        logger.error("loss watchdog: stopping the run at step %d (%s)", step, what)
         raise TunesmithError(message)

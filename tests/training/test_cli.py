@@ -91,6 +91,7 @@ def test_watchdog_stops_a_diverging_run(tiny_model_dir, sft_data, tmp_path, capf
     err = capfd.readouterr().err
     assert code != 0
     assert re.search(r"stopped by the loss watchdog at step \d+: loss is (nan|inf|-inf)", err), err[-2000:]
+    assert err.count("is saved to") == 1  # the diagnosis is said once: by the CLI, not the log too
     assert "Traceback" not in err
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert list(out.glob("watchdog_batch_step*.pt"))  # the batch of the bad step, to reproduce it
