@@ -38,6 +38,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_gpu_smoke import build_model as build_qwen  # noqa: E402
+from train_gpu_smoke import device, versions  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LF_DATASET = "alpaca_bench"
@@ -63,9 +67,6 @@ def build_model(work: Path, tokenizer: Path | None, cpu_smoke: bool) -> Path:
         from tunesmith.tiny_model import build_tiny_model
 
         return build_tiny_model(work / "tiny-model")
-    sys.path.insert(0, str(BENCH))
-    from train_gpu_smoke import build_model as build_qwen
-
     return build_qwen(work / "qwen2.5-0.5b-random", tokenizer)
 
 
@@ -172,34 +173,6 @@ def run_llamafactory(model: Path, data_dir: Path, out: Path, a: argparse.Namespa
         "metrics": {k: v for k, v in res.items() if k.startswith("predict_") and "runtime" not in k},
         "batch_size": 8, "args": args,
     }  # fmt: skip
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "tokenizers", "peft", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def device() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        import platform
-
-        return {"cuda": False, "platform": platform.platform(), "cpus": os.cpu_count()}
-    p = torch.cuda.get_device_properties(0)
-    return {
-        "cuda": True,
-        "name": p.name,
-        "memory_gib": round(p.total_memory / 2**30, 1),
-        "count": torch.cuda.device_count(),
-    }
 
 
 def main() -> int:

@@ -63,7 +63,7 @@ def device() -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        return {"cuda": False, "platform": platform.platform()}
+        return {"cuda": False, "platform": platform.platform(), "cpus": os.cpu_count()}
     p = torch.cuda.get_device_properties(0)
     return {
         "cuda": True,

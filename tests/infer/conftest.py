@@ -7,24 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.training import conftest as training
 from tests.training.helpers import run_config, write_sft_data
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from tunesmith.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+# the training tests' fixtures, shared: one torch thread, the tiny model built once per session
+_one_torch_thread = training._one_torch_thread
+tiny_model_dir = training.tiny_model_dir
 
 
 @pytest.fixture(scope="session")

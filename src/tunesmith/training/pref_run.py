@@ -24,29 +24,17 @@ log = logging.getLogger("tunesmith")
 
 def _reference(cfg: Config, tuned: Any, tokenizer: Any, dtype: str) -> Reference:
     """none (orpo/simpo), ref_model, the adapter-disabled policy (LoRA), or the initial policy (full/freeze)."""
-    from tunesmith.training.reference import frozen_copy, load_reference_model
+    from tunesmith.training.reference import reference_for
 
-    f, m = cfg.finetuning, cfg.model
+    f = cfg.finetuning
     if f.stage == "dpo" and f.pref_loss in REFERENCE_FREE:
         if f.ref_model:
             log.warning(
                 "pref_loss %s needs no reference: ref_model %s is not loaded", f.pref_loss, f.ref_model
             )
         return Reference("none")
-    if f.ref_model:
-        model = load_reference_model(
-            f.ref_model,
-            f.ref_model_adapters,
-            dtype=dtype,
-            attn=m.flash_attn,
-            trust_remote_code=m.trust_remote_code,
-            tokenizer=tokenizer,
-        )
-        return Reference("model", model)
-    if f.finetuning_type == "lora":
-        return Reference("adapter")
     # precomputing uses the initial policy before its first update: no copy needed
-    return Reference("model", tuned.model if f.pref_precompute_ref else frozen_copy(tuned.model))
+    return reference_for(cfg, tuned.model, tokenizer, dtype, copy_policy=not f.pref_precompute_ref)
 
 
 def _reference_key(cfg: Config, data_key: str, split: str, dtype: str) -> dict[str, Any]:

@@ -82,7 +82,26 @@ def kto_reference_columns(model: Any, batch: dict[str, Any]) -> dict[str, torch.
     return {"ref_logps": sums, "ref_kl_logps": kl}
 
 
-class _PreferenceBase(TunesmithTrainer):
+class MetricsTrainer(TunesmithTrainer):
+    """A trainer whose losses carry metrics (``self.metrics``, a MetricStore): eval gives the loss only,
+    and every log record gets the metrics averaged since the last one."""
+
+    metrics: MetricStore
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.metrics.merge_into(logs)
+        super().log(logs, start_time)
+
+
+class _PreferenceBase(MetricsTrainer):
     """What DPO and KTO share: the reference, metric store, eval step and logging."""
 
     loss_is_scaled_for_ga = False
@@ -117,18 +136,6 @@ class _PreferenceBase(TunesmithTrainer):
 
     def record(self, model: Any, metrics: dict[str, float]) -> None:
         self.metrics.add("train" if model.training else "eval", metrics)
-
-    def prediction_step(
-        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self.metrics.merge_into(logs)
-        super().log(logs, start_time)
 
 
 class DPOTrainer(_PreferenceBase):

@@ -58,6 +58,28 @@ def frozen(model: Any) -> Any:
     return model.eval()
 
 
+def reference_for(
+    cfg: Any, policy: Any, tokenizer: Any, dtype: str, *, device: Any = None, copy_policy: bool = True
+) -> Reference:
+    """ref_model (with its adapters merged), the adapter-disabled policy for LoRA, or the initial policy:
+    a frozen copy, or the policy itself when ``copy_policy`` is off (it is read before its first update)."""
+    f, m = cfg.finetuning, cfg.model
+    if f.ref_model:
+        model = load_reference_model(
+            f.ref_model,
+            f.ref_model_adapters,
+            dtype=dtype,
+            attn=m.flash_attn,
+            trust_remote_code=m.trust_remote_code,
+            tokenizer=tokenizer,
+        )
+    elif f.finetuning_type == "lora":
+        return Reference("adapter")
+    else:
+        model = frozen_copy(policy) if copy_policy else policy
+    return Reference("model", model if device is None else model.to(device))
+
+
 def frozen_copy(model: Any) -> Any:
     """A frozen deep copy of the initial policy (full/freeze tuning without ref_model)."""
     return frozen(copy.deepcopy(model))

@@ -18,8 +18,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.training.pref_losses import pair_metrics, pairwise_reward_loss
-from tunesmith.training.preference import MetricStore, reduce_means
-from tunesmith.training.trainer import TunesmithTrainer
+from tunesmith.training.preference import MetricStore, MetricsTrainer, reduce_means
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 _WEIGHT, _BIAS = "v_head.summary.weight", "v_head.summary.bias"
@@ -71,7 +70,7 @@ def hidden_size_of(lm: Any) -> int:
     return lm.get_input_embeddings().weight.shape[1]
 
 
-class RewardTrainer(TunesmithTrainer):
+class RewardTrainer(MetricsTrainer):
     """Pairwise (Bradley-Terry) reward-model training on chosen/rejected batches (chosen rows first)."""
 
     loss_is_scaled_for_ga = False  # the loss is a mean over pairs
@@ -90,18 +89,6 @@ class RewardTrainer(TunesmithTrainer):
         metrics = pair_metrics(chosen, rejected)
         self.metrics.add("train" if model.training else "eval", reduce_means(self.accelerator, metrics))
         return (loss, {"scores": scores}) if return_outputs else loss
-
-    def prediction_step(
-        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self.metrics.merge_into(logs)
-        super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         out = output_dir or self.args.output_dir

@@ -18,29 +18,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.training.causal_lm import (
     TrainResult,
 )
-from tunesmith.training.reference import Reference
+from tunesmith.training.reference import reference_for
 
 log = logging.getLogger("tunesmith")
-
-
-def _reference(cfg: Config, lm: Any, tokenizer: Any, dtype: str, device: Any) -> Reference:
-    """ref_model, the adapter-disabled policy (LoRA), or a frozen copy of the initial policy."""
-    from tunesmith.training.reference import frozen_copy, load_reference_model
-
-    f, m = cfg.finetuning, cfg.model
-    if f.ref_model:
-        model = load_reference_model(
-            f.ref_model,
-            f.ref_model_adapters,
-            dtype=dtype,
-            attn=m.flash_attn,
-            trust_remote_code=m.trust_remote_code,
-            tokenizer=tokenizer,
-        )
-        return Reference("model", model.to(device))
-    if f.finetuning_type == "lora":
-        return Reference("adapter")
-    return Reference("model", frozen_copy(lm).to(device))
 
 
 def _reward_model(cfg: Config, dtype: str, device: Any) -> Any:
@@ -87,14 +67,14 @@ def _algorithm(
         "rollouts: %s", settings.with_overrides(n=f.num_generations if f.stage == "grpo" else 1).describe()
     )
     if f.stage == "grpo":
-        reference = _reference(cfg, lm, tokenizer, dtype, device) if f.grpo_beta > 0 else None
+        reference = reference_for(cfg, lm, tokenizer, dtype, device=device) if f.grpo_beta > 0 else None
         algorithm: Any = GRPO(
             engine, settings.with_overrides(n=f.num_generations), _reward_funcs(cfg), reference,
             epsilon=f.grpo_epsilon, beta=f.grpo_beta, keep_old_logps=f.grpo_iterations > 1,
             pad_id=tokenizer.pad_token_id,
         )  # fmt: skip
         return lm, algorithm
-    reference = _reference(cfg, lm, tokenizer, dtype, device)
+    reference = reference_for(cfg, lm, tokenizer, dtype, device=device)
     model = PolicyValueModel(lm, hidden_size_of(lm), seed=cfg.training.seed)
     algorithm = PPO(
         engine, settings, reference, KLController(f.ppo_kl_coef, f.ppo_target),
