@@ -201,10 +201,12 @@ def test_default_system_replaces_the_templates(capsys, tmp_path):
     assert code == 0 and "<|im_start|>system\nYou route tickets.<|im_end|>" in out
 
 
-def test_keys_of_later_commands_are_warned_not_ignored(capsys, tmp_path):
+def test_export_quantization_bit_is_checked_at_load(capsys, tmp_path):
     path = _write(tmp_path / "d.jsonl", '{"instruction": "q", "output": "a"}\n')
-    code, out, _ = run_cli(capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "export_size=2")
-    assert code == 0 and "export_size are for tunesmith export" in out
+    code, _, err = run_cli(
+        capsys, "check", f"model_name_or_path={TINY}", f"dataset={path}", "export_quantization_bit=3"
+    )
+    assert code == 2 and "export_quantization_bit" in err and "use 4 or 8" in err
 
 
 def test_streaming_is_refused_as_unsupported(capsys):

@@ -40,9 +40,6 @@ REWARD_KEYS = ("reward_model", "reward_model_adapters")
 RL_KEYS = ("reward_funcs", "reward_weights", "answer_column", "reward_format_pattern", "reward_length_target")
 GRPO_KEYS = ("num_generations", "grpo_beta", "grpo_epsilon", "grpo_iterations")
 PPO_KEYS = ("ppo_epochs", "ppo_score_norm", "ppo_whiten_rewards", "ppo_kl_coef", "ppo_target")
-# generation keys that set the rollouts' sampling of grpo/ppo (and otherwise belong to later commands)
-ROLLOUT_KEYS = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty",
-                "stop")  # fmt: skip
 
 # (keys, the key that decides whether they apply, the values of it under which they do).
 _APPLIES_ONLY = (
@@ -69,24 +66,9 @@ def resolve_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Keys of commands that are not in this version yet: accepted so LLaMA-Factory configs load, but said aloud.
-LATER_COMMAND_KEYS = {
-    "tunesmith export": ("export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id"),
-    "tunesmith eval": ("task", "task_dir", "batch_size", "n_shot", "lang", "save_dir"),
-}  # fmt: skip
-
-
 def unused_key_warnings(values: Mapping[str, Any], explicit: set[str]) -> list[str]:
     """Keys the user set that have no effect with the chosen finetuning_type or stage, or in this version."""
     warnings = []
-    for command, keys in LATER_COMMAND_KEYS.items():
-        rollout = values["stage"] in ("ppo", "grpo")
-        later = [key for key in keys if key in explicit and not (rollout and key in ROLLOUT_KEYS)]
-        if later:
-            warnings.append(
-                f"{', '.join(later)} are for {command}, which this version does not have yet; "
-                f"they have no effect"
-            )
     for keys, decider, applies_when in _APPLIES_ONLY:
         unused = [key for key in keys if key in explicit]
         if unused and values[decider] not in applies_when:
@@ -162,6 +144,8 @@ def cross_field_problems(
             "a val_size of 1 or more is a sample count and must be whole",
             "write a share below 1 (e.g. 0.1) or a whole count (e.g. 500)",
         )
+    if v["export_quantization_bit"] not in (None, 4, 8):
+        add("export_quantization_bit", "unsupported bit width", "use 4 or 8, or remove the key", allowed="4, 8")
     if v["quantization_bit"] is not None:
         if v["quantization_bit"] not in (4, 8):
             add("quantization_bit", "unsupported bit width", "use 4 or 8, or remove the key", allowed="4, 8")

@@ -222,16 +222,33 @@ class ExportArgs:
     export_device: Literal["cpu", "auto"] = opt("cpu", "Device used to merge adapters.")
     export_legacy_format: bool = opt(False, "Save .bin files instead of safetensors.")
     export_hub_model_id: str | None = opt(None, "Hub repository to push the exported model to.")
+    export_quantization_bit: int | None = opt(
+        None, "Quantize the exported model to 4 or 8 bits with bitsandbytes (loads on a GPU)."
+    )
+    export_check: bool = opt(True, "Prove the export: logits vs base + adapter, plain reload, stop test.")
+    export_check_tolerance: float | None = opt(
+        None, "Largest allowed max-abs logit difference of the merge (default: by dtype).", gt=0
+    )
+    export_check_prompts: int = opt(8, "Held-out prompts of the stop test.", ge=1)
+    export_check_max_new_tokens: int = opt(128, "Token budget of each stop-test answer.", ge=1)
 
 
 @dataclass(frozen=True)
 class EvalArgs:
-    task: str | None = opt(None, "Benchmark task, e.g. mmlu_test.")
-    task_dir: str = opt("evaluation", "Folder holding the benchmark data.")
+    task: str | None = opt(
+        None,
+        "BENCHMARK_SPLIT (mmlu_test, cmmlu_test, ceval_validation, sample_test) or perplexity "
+        "(of eval_dataset, else dataset; stage pt or sft).",
+    )
+    task_dir: str = opt(
+        "evaluation", "Folder holding the benchmark folders (<task_dir>/<benchmark>/<split>/*.csv)."
+    )
     batch_size: int = opt(4, "Evaluation batch size.", ge=1)
-    n_shot: int = opt(5, "Few-shot examples per question.", ge=0)
+    n_shot: int = opt(5, "Few-shot examples per question, from the dev split.", ge=0)
     lang: Literal["en", "zh"] = opt("en", "Language of the benchmark prompts.")
-    save_dir: str | None = opt(None, "Where evaluation results are saved.")
+    save_dir: str | None = opt(
+        None, "Folder for results.json and predictions.jsonl (unset: results are only printed)."
+    )
 
 
 @dataclass(frozen=True)
@@ -294,8 +311,8 @@ upcast_lmhead_output train_from_scratch offload_folder hf_hub_token ms_hub_token
 print_param_status compute_dtype device_map model_max_length block_diag_attn quantization_device_map
 use_kv_cache image_max_pixels image_min_pixels image_do_pan_and_scan crop_to_patches video_max_pixels
 video_min_pixels video_fps video_maxlen use_audio_in_video audio_sampling_rate media_dir image_dir
-export_quantization_bit export_quantization_dataset export_quantization_nsamples
-export_quantization_maxlen vllm_config sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_config
+export_quantization_dataset export_quantization_nsamples export_quantization_maxlen
+vllm_config sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_config
 sglang_lora_backend eval_num_beams ignore_pad_token_for_loss eval_on_each_dataset
 data_shared_file_system use_llama_pro use_adam_mini use_muon freeze_vision_tower
 freeze_multi_modal_projector freeze_language_model compute_accuracy disable_shuffling

@@ -22,6 +22,7 @@ from tunesmith.data.types import Message
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.engine import Completion, StopScan, StreamEvent
 from tunesmith.infer.settings import SamplingSettings
+from tunesmith.model.attention import sdpa_kernels
 
 log = logging.getLogger("tunesmith")
 
@@ -113,7 +114,7 @@ class HFEngine:
         expanded = [list(p) for p in prompts for _ in range(settings.n)]
         ids, mask = self._left_pad(expanded)
         config = self._config(settings)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), sdpa_kernels():
             self._seed(settings)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, **self._stop_kwargs(settings)
@@ -139,7 +140,7 @@ class HFEngine:
             from transformers import StoppingCriteriaList
 
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), sdpa_kernels():
                     self._seed(settings)
                     holder["out"] = self.model.generate(
                         input_ids=ids,

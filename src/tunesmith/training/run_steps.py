@@ -117,13 +117,15 @@ def finish_run(
     lm: the language model whose generation_config is written (default: the trainer's model).
     eval_metrics: extra metrics derived from the evaluation's (e.g. perplexity).
     """
+    from tunesmith.model.attention import sdpa_kernels
     from tunesmith.runs import finish_run_manifest
     from tunesmith.training.causal_lm import restore_loaded_dtype
     from tunesmith.training.outputs import save_tokenizer_and_generation_config
 
     status = "failed"
     try:
-        result = trainer.train(resume_from_checkpoint=run.resume)
+        with sdpa_kernels():
+            result = trainer.train(resume_from_checkpoint=run.resume)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -134,7 +136,8 @@ def finish_run(
 
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        evaluated = trainer.evaluate()
+        with sdpa_kernels():
+            evaluated = trainer.evaluate()
         metrics.update(evaluated)
         if eval_metrics is not None:
             metrics.update(eval_metrics(evaluated))
