@@ -25,6 +25,8 @@ commands:
   predict CONFIG [key=value ...] [--processes N] [--no-score]
                                  generate for eval_dataset (else dataset) into output_dir/predictions.jsonl
   score FILE [--help]            BLEU-4, ROUGE-1/2/L, exact match, choice accuracy of a predictions.jsonl
+  export CONFIG [key=value ...]  merge adapters into the base and write a checked, servable model (export_dir)
+  eval CONFIG [key=value ...]    multiple-choice benchmark (task: mmlu_test, cmmlu_val, ...) or task: perplexity
   templates                      list the built-in chat templates
   version                        print versions of tunesmith and its main dependencies
 
@@ -132,6 +134,30 @@ def cmd_score(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.export.run import run
+
+    path, overrides = _config_args(argv, "export")
+    cfg = load_config(path, overrides)
+    for warning in cfg.warnings:
+        print(f"tunesmith export: warning: {warning}", file=sys.stderr)
+    print(run(cfg).summary())
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.evaluation import run
+
+    path, overrides = _config_args(argv, "eval")
+    cfg = load_config(path, overrides)
+    for warning in cfg.warnings:
+        print(f"tunesmith eval: warning: {warning}", file=sys.stderr)
+    print(run(cfg).summary())
+    return 0
+
+
 def cmd_templates(argv: list[str]) -> int:
     from tunesmith.data.templates import get_template, list_templates
 
@@ -160,6 +186,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "api": cmd_api,
     "predict": cmd_predict,
     "score": cmd_score,
+    "export": cmd_export,
+    "eval": cmd_eval,
     "templates": cmd_templates,
     "version": cmd_version,
 }

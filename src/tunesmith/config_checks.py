@@ -145,7 +145,12 @@ def cross_field_problems(
             "write a share below 1 (e.g. 0.1) or a whole count (e.g. 500)",
         )
     if v["export_quantization_bit"] not in (None, 4, 8):
-        add("export_quantization_bit", "unsupported bit width", "use 4 or 8, or remove the key", allowed="4, 8")
+        add(
+            "export_quantization_bit",
+            "unsupported bit width",
+            "use 4 or 8, or remove the key",
+            allowed="4, 8",
+        )
     if v["quantization_bit"] is not None:
         if v["quantization_bit"] not in (4, 8):
             add("quantization_bit", "unsupported bit width", "use 4 or 8, or remove the key", allowed="4, 8")

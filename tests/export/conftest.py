@@ -1,0 +1,75 @@
+"""Fixtures of the export tests: the tiny model (fp32 and a bf16 copy), a LoRA adapter trained on it until
+it answers and stops, and a full fine-tune of it (each trained once per session, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.training import conftest as training
+from tests.training.helpers import run_config, write_sft_data
+
+# the training tests' fixtures, shared: one torch thread, the tiny model built once per session
+_one_torch_thread = training._one_torch_thread
+tiny_model_dir = training.tiny_model_dir
+
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def capital_data(tmp_path_factory) -> Path:
+    return write_sft_data(tmp_path_factory.mktemp("capitals") / "capitals.json", rows=16)
+
+
+def _train(tmp_path_factory, model: Path, data: Path, name: str, **overrides) -> Path:
+    import tunesmith
+
+    out = tmp_path_factory.mktemp(name) / "out"
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp(name + "-cache"))
+    try:
+        cfg = tunesmith.load_config(
+            None, [f"{k}={v}" for k, v in run_config(model, data, out, **overrides).items()]
+        )
+        tunesmith.run(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_CACHE", None)
+        else:
+            os.environ["TUNESMITH_CACHE"] = old
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_lora(tmp_path_factory, tiny_model_dir, capital_data) -> Path:
+    """A LoRA adapter folder (with run.json, tokenizer, chat template) over the fp32 tiny model."""
+    return _train(tmp_path_factory, tiny_model_dir, capital_data, "lora", max_steps=30, learning_rate=2e-2)
+
+
+@pytest.fixture(scope="session")
+def trained_full(tmp_path_factory, tiny_model_dir, capital_data) -> Path:
+    """The tiny model fine-tuned in full until it answers and stops."""
+    return _train(
+        tmp_path_factory, tiny_model_dir, capital_data, "full", finetuning_type="full", max_steps=40,
+        learning_rate=3e-3,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model saved in bf16 (config dtype bfloat16), tokenizer files copied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-bf16") / "model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(out)
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            shutil.copyfile(f, out / f.name)
+    return out

@@ -1,0 +1,3 @@
+module tunesmith.test/gorender
+
+go 1.19
