@@ -30,6 +30,7 @@ PINS = (
     "antlr4-python3-runtime==4.9.3", "fire==0.7.1", "tyro==0.8.14", "docstring_parser==0.18.0",
     "shtab==1.13.0", "termcolor==3.3.0", "fsspec==2025.3.0",
     "jieba==0.42.1", "nltk==3.10.4", "rouge-chinese==1.0.3",
+    "liger-kernel==0.8.5",  # enable_liger_kernel (its best flags in bench/train_throughput.py); triton is on the image
 )  # fmt: skip
 TUNESMITH_EXTRAS = ("orjson==3.13.0", "jieba==0.42.1")  # tunesmith's orjson; jieba for LLaMA-Factory's scores
 MAX_MB = 40
