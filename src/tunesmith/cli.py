@@ -27,6 +27,9 @@ commands:
   score FILE [--help]            BLEU-4, ROUGE-1/2/L, exact match, choice accuracy of a predictions.jsonl
   export CONFIG [key=value ...]  merge adapters into the base and write a checked, servable model (export_dir)
   eval CONFIG [key=value ...]    multiple-choice benchmark (task: mmlu_test, cmmlu_val, ...) or task: perplexity
+  webui [--host H] [--port P] [--root DIR] [--password PW] [--lang en|zh]
+                                 the browser UI: train, evaluate & predict, chat, export, run history
+                                 (pip install 'tunesmith[webui]'; binds 127.0.0.1:7860 by default)
   templates                      list the built-in chat templates
   version                        print versions of tunesmith and its main dependencies
 
@@ -158,6 +161,26 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_webui(argv: list[str]) -> int:
+    import argparse
+
+    from tunesmith.webui import launch
+
+    p = argparse.ArgumentParser(prog="tunesmith webui", description="The tunesmith browser UI.")
+    p.add_argument("--host", default=os.environ.get("TUNESMITH_WEBUI_HOST", "127.0.0.1"),
+                   help="address to bind; 0.0.0.0 exposes it (set --password then)")  # fmt: skip
+    p.add_argument("--port", type=int, default=int(os.environ.get("TUNESMITH_WEBUI_PORT", "7860")))
+    p.add_argument("--root", default="saves", help="folder of runs: new runs go here, history lists it")
+    p.add_argument("--password", default=os.environ.get("TUNESMITH_WEBUI_PASSWORD"),
+                   help="require a login with this password ($TUNESMITH_WEBUI_PASSWORD)")  # fmt: skip
+    p.add_argument("--lang", choices=("en", "zh"), default="en")
+    a = p.parse_args(argv)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.password:
+        print(f"tunesmith webui: warning: listening on {a.host} without --password", file=sys.stderr)
+    launch(a.root, a.host, a.port, a.password, a.lang)
+    return 0
+
+
 def cmd_templates(argv: list[str]) -> int:
     from tunesmith.data.templates import get_template, list_templates
 
@@ -188,6 +211,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "score": cmd_score,
     "export": cmd_export,
     "eval": cmd_eval,
+    "webui": cmd_webui,
     "templates": cmd_templates,
     "version": cmd_version,
 }
