@@ -267,6 +267,25 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny_model_dir, sft
         assert (a[name] - base[name]).abs().max() > 1e-4, f"{name} did not train"
 
 
+def test_two_ranks_train_lora_without_searching_for_unused_parameters(tiny_model_dir, sft_data, tmp_path):
+    """LoRA under DDP runs with find_unused_parameters off (every adapter weight is used in every forward;
+    a parameter without a gradient would make DDP raise at the next step) and matches one rank."""
+    common = dict(finetuning_type="lora", max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny_model_dir, sft_data, one, per_device_train_batch_size=4, **common)
+    config = run_config(
+        tiny_model_dir, sft_data, two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **common
+    )
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    args = torch.load(two / "training_args.bin", weights_only=False)
+    assert args.ddp_find_unused_parameters is False and args.world_size == 2
+    expected, got = logged_losses(one), logged_losses(two)
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_multi_gpu_bench_cpu_smoke_runs_end_to_end(tmp_path):
     """bench/multi_gpu.py --cpu-smoke: the GPU benchmark's whole path (1 vs 2 processes, results file)."""

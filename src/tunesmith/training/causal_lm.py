@@ -124,6 +124,11 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
     # our token progress bar replaces HF's step bar (HF's own bar comes back with disable_tqdm: false)
     kw.setdefault("disable_tqdm", True)
     kw["resume_from_checkpoint"] = None  # passed to train() after resolving "auto"
+    if cfg.finetuning.finetuning_type == "lora":
+        # A PEFT model is no PreTrainedModel, so HF would make DDP search the autograd graph for unused
+        # parameters after every forward; every LoRA weight takes part in every forward. A model whose
+        # adapters can sit idle in a step (MoE experts) sets ddp_find_unused_parameters: true.
+        kw.setdefault("ddp_find_unused_parameters", False)
     if has_eval:
         kw.setdefault("eval_strategy", "epoch")
         kw["do_eval"] = True
