@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from tunesmith import __version__
 from tunesmith.errors import TunesmithError
@@ -137,28 +138,28 @@ def cmd_score(argv: list[str]) -> int:
     return 0
 
 
-def cmd_export(argv: list[str]) -> int:
+def _run_and_print(argv: list[str], command: str, run: Callable[[Any], Any]) -> int:
+    """Load the config, say its warnings, run, and print the report's summary."""
     from tunesmith.config import load_config
-    from tunesmith.export.run import run
 
-    path, overrides = _config_args(argv, "export")
+    path, overrides = _config_args(argv, command)
     cfg = load_config(path, overrides)
     for warning in cfg.warnings:
-        print(f"tunesmith export: warning: {warning}", file=sys.stderr)
+        print(f"tunesmith {command}: warning: {warning}", file=sys.stderr)
     print(run(cfg).summary())
     return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    from tunesmith.export.run import run
+
+    return _run_and_print(argv, "export", run)
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from tunesmith.config import load_config
     from tunesmith.evaluation import run
 
-    path, overrides = _config_args(argv, "eval")
-    cfg = load_config(path, overrides)
-    for warning in cfg.warnings:
-        print(f"tunesmith eval: warning: {warning}", file=sys.stderr)
-    print(run(cfg).summary())
-    return 0
+    return _run_and_print(argv, "eval", run)
 
 
 def cmd_webui(argv: list[str]) -> int:

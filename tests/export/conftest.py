@@ -4,14 +4,14 @@ it answers and stops, and a full fine-tune of it (each trained once per session,
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.infer.conftest import _train
 from tests.training import conftest as training
-from tests.training.helpers import run_config, write_sft_data
+from tests.training.helpers import write_sft_data
 
 # the training tests' fixtures, shared: one torch thread, the tiny model built once per session
 _one_torch_thread = training._one_torch_thread
@@ -25,25 +25,6 @@ needs_bnb = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def capital_data(tmp_path_factory) -> Path:
     return write_sft_data(tmp_path_factory.mktemp("capitals") / "capitals.json", rows=16)
-
-
-def _train(tmp_path_factory, model: Path, data: Path, name: str, **overrides) -> Path:
-    import tunesmith
-
-    out = tmp_path_factory.mktemp(name) / "out"
-    old = os.environ.get("TUNESMITH_CACHE")
-    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp(name + "-cache"))
-    try:
-        cfg = tunesmith.load_config(
-            None, [f"{k}={v}" for k, v in run_config(model, data, out, **overrides).items()]
-        )
-        tunesmith.run(cfg)
-    finally:
-        if old is None:
-            os.environ.pop("TUNESMITH_CACHE", None)
-        else:
-            os.environ["TUNESMITH_CACHE"] = old
-    return out
 
 
 @pytest.fixture(scope="session")

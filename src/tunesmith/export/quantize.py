@@ -21,6 +21,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.export.checks import diff_stats, probe_logits
 from tunesmith.export.merge import save_weights
 from tunesmith.export.probes import Probe
+from tunesmith.model.loader import bnb_config
 
 log = logging.getLogger("tunesmith")
 BNB_FIX = "install tunesmith[bnb] (bitsandbytes): pip install 'tunesmith[bnb]'"
@@ -41,20 +42,6 @@ def require_bitsandbytes(bits: int) -> None:
         raise TunesmithError(
             f"export_quantization_bit: {bits} needs bitsandbytes, which is not installed. Fix: {BNB_FIX}"
         )
-
-
-def bnb_config(bits: int, compute_dtype: torch.dtype) -> Any:
-    """NF4 with double quantization and compute in the base dtype (4), or LLM.int8 (8)."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
 
 
 def quantize_folder(

@@ -132,6 +132,11 @@ def quantization_config(bits: int, compute_dtype: torch.dtype, *, cuda: bool) ->
     if not cuda or importlib.util.find_spec("bitsandbytes") is None:
         where = "no CUDA GPU is visible" if not cuda else "bitsandbytes is not installed"
         raise TunesmithError(f"quantization_bit: {bits}: {where}. {QLORA_FIX}")
+    return bnb_config(bits, compute_dtype)
+
+
+def bnb_config(bits: int, compute_dtype: torch.dtype) -> Any:
+    """NF4 with double quantization and compute in ``compute_dtype`` (4), or LLM.int8 (8)."""
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
