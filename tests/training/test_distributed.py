@@ -230,6 +230,22 @@ def test_local_main_first_without_a_process_group_just_runs():
 # --- 2 ranks (gloo DDP, through the launcher) == 1 rank with the same global batch ---
 
 
+def _one_rank_and_two(
+    model: Path, data: Path, tmp_path: Path, common: dict
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Train in-process on 1 rank (micro-batch 4), then through the launcher on 2 ranks (1 x 2 accumulation)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(model, data, one, per_device_train_batch_size=4, **common)
+    config = run_config(
+        model, data, two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **common
+    )
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return one, two, proc
+
+
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny_model_dir, sft_data, tmp_path):
     """20 steps, fp32: per-step losses within 1e-5 relative and final weights within 1e-5 absolute.
 
@@ -239,16 +255,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny_model_dir, sft
     Measured: 1.6e-7 relative on losses, 5e-7 absolute on weights.
     """
     common = dict(finetuning_type="full", max_steps=20, learning_rate=1e-3, lr_scheduler_type="cosine")
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny_model_dir, sft_data, one, per_device_train_batch_size=4, **common)
-
-    config = run_config(
-        tiny_model_dir, sft_data, two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **common
-    )
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two, proc = _one_rank_and_two(tiny_model_dir, sft_data, tmp_path, common)
 
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[tunesmith]")]
     assert lines[0].startswith("[tunesmith] launching torchrun: world size 2")
@@ -271,15 +278,7 @@ def test_two_ranks_train_lora_without_searching_for_unused_parameters(tiny_model
     """LoRA under DDP runs with find_unused_parameters off (every adapter weight is used in every forward;
     a parameter without a gradient would make DDP raise at the next step) and matches one rank."""
     common = dict(finetuning_type="lora", max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant")
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny_model_dir, sft_data, one, per_device_train_batch_size=4, **common)
-    config = run_config(
-        tiny_model_dir, sft_data, two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **common
-    )
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two, _ = _one_rank_and_two(tiny_model_dir, sft_data, tmp_path, common)
     args = torch.load(two / "training_args.bin", weights_only=False)
     assert args.ddp_find_unused_parameters is False and args.world_size == 2
     expected, got = logged_losses(one), logged_losses(two)
