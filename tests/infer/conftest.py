@@ -21,24 +21,15 @@ def capital_data(tmp_path_factory) -> Path:
 
 
 def _train(tmp_path_factory, tiny_model_dir: Path, data: Path, name: str, **overrides) -> Path:
-    import os
-
+    """Train the tiny model into a fresh folder, with its own data cache; returns the output folder."""
     import tunesmith
 
     out = tmp_path_factory.mktemp(name) / "out"
-    cache = tmp_path_factory.mktemp(name + "-cache")
-    old = os.environ.get("TUNESMITH_CACHE")
-    os.environ["TUNESMITH_CACHE"] = str(cache)
-    try:
-        cfg = tunesmith.load_config(
-            None, [f"{k}={v}" for k, v in run_config(tiny_model_dir, data, out, **overrides).items()]
-        )
-        tunesmith.run(cfg)
-    finally:
-        if old is None:
-            os.environ.pop("TUNESMITH_CACHE", None)
-        else:
-            os.environ["TUNESMITH_CACHE"] = old
+    overrides.setdefault("data_cache_dir", str(tmp_path_factory.mktemp(name + "-cache")))
+    cfg = tunesmith.load_config(
+        None, [f"{k}={v}" for k, v in run_config(tiny_model_dir, data, out, **overrides).items()]
+    )
+    tunesmith.run(cfg)
     return out
 
 
