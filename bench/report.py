@@ -1,0 +1,201 @@
+"""The README's performance table, generated from bench/results/ (never typed by hand).
+
+Each benchmark contributes the headline of its newest result file that has one, with the device, the
+main versions, the date and the file, so every number in the README points at the raw result it came
+from. `python bench/report.py` rewrites the block between the README's markers; `--check` exits 1 when
+the README differs from what the results say (a test runs it, so the table cannot drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+README = BENCH.parent / "README.md"
+BEGIN, END = "<!-- perf-table:begin (bench/report.py) -->", "<!-- perf-table:end -->"
+
+
+def _device(d: dict) -> str:
+    dev = d.get("device", {})
+    if dev.get("cuda"):
+        count = dev.get("count", 1)
+        return (
+            f"{count}× {dev['name'].replace('NVIDIA ', '')}"
+            if count > 1
+            else dev["name"].replace("NVIDIA ", "")
+        )
+    cores = dev.get("usable_cores") or dev.get("logical_cores") or dev.get("cpus")
+    return f"CPU, {cores} cores" if cores else "CPU"
+
+
+def _versions(d: dict) -> str:
+    v = d.get("versions", {})
+    v = v.get("tunesmith_env", v)
+    keys = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
+    return ", ".join(f"{k} {v[k]}" for k in keys if v.get(k) and v[k] != "not installed")
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×"
+
+
+def data_throughput(d: dict) -> str | None:
+    comp = [c for c in d.get("comparison", []) if c["side"] == "tunesmith"]
+    if not comp:
+        return None
+    ratios = ", ".join(f"{c['case']} w={c['workers']} {_x(c['rows_per_s_ratio'])}" for c in comp)
+    same = all(t.get("input_ids_identical") for t in d.get("token_check", []))
+    return f"data prep rows/s vs LLaMA-Factory: {ratios}; token ids identical: {'yes' if same else 'NO'}"
+
+
+def predict_throughput(d: dict) -> str | None:
+    parts = []
+    if d.get("ratio") and d.get("tunesmith") and d.get("llamafactory"):
+        ts, lf = d["tunesmith"]["samples_per_s"], d["llamafactory"]["samples_per_s"]
+        parts.append(f"predict samples/s vs LLaMA-Factory do_predict: {_x(ts / lf)} ({ts} vs {lf})")
+    for c in d.get("check", []):
+        if "identical" in c:
+            parts.append(f"greedy = plain model.generate ({c['dtype']}): {c['identical']}/{c['prompts']}")
+    return "; ".join(parts) or None
+
+
+def multi_gpu(d: dict) -> str | None:
+    comps = d.get("comparisons") or []
+    if not comps:
+        return None
+    method = comps[0]["method"]
+    cells = []
+    for c in comps:
+        if "speed_ratio" in c:
+            match = "loss match" if c.get("losses_match") else "LOSS DIFFERS"
+            cells.append(f"{c['engine']} {_x(c['speed_ratio'])} ({match})")
+        else:
+            cells.append(f"{c['engine']}: {c.get('reason', 'no result')}")
+    return f"{method}, 2 GPUs vs 1 tokens/s: " + ", ".join(cells)
+
+
+def dpo_gpu_memory(d: dict) -> str | None:
+    runs = {r["reference"]: r for r in d.get("runs", []) if r.get("exit_code") == 0}
+    if not {"adapter", "ref_model"} <= set(runs):
+        return None
+    a, r = runs["adapter"]["peak_mem_gib"], runs["ref_model"]["peak_mem_gib"]
+    return f"LoRA DPO peak GiB: adapter-disabled reference {a} vs ref_model {r}"
+
+
+def profile_step_gpu(d: dict) -> str | None:
+    ok = [v for v in d.get("variants", []) if v.get("exit_code") == 0 and v.get("s_per_step")]
+    if not ok:
+        return None
+    cells = ", ".join(f"{v['name']} {v['s_per_step']} s/step ({v['tokens_per_s']:,.0f} tok/s)" for v in ok)
+    return f"LoRA SFT step, Qwen2.5-0.5B arch, batch 8: {cells}"
+
+
+def export_gpu_check(d: dict) -> str | None:
+    ex = d.get("exports") or []
+    if not ex:
+        return None
+    cells = []
+    for e in ex:
+        ok = e.get("exit_code") == 0 and e.get("report", {}).get("ok", True) and e.get("reload")
+        cells.append(f"{e['bits']}-bit {'checks pass, reloads and generates' if ok else 'FAILED'}")
+    return "export: " + "; ".join(cells)
+
+
+def train_throughput(d: dict) -> str | None:
+    goals = [g for g in d.get("goals", []) if g.get("value") is not None]
+    if not goals:
+        return None
+    cells = [
+        f"{g['arch']} {g['method']} {g['goal']}: {g['value']} ({g['target']}: {'pass' if g['pass'] else 'FAIL'})"
+        for g in goals
+    ]
+    return "; ".join(cells)
+
+
+HEADLINES: dict[str, Callable[[dict], str | None]] = {
+    "train_throughput": train_throughput,
+    "data_throughput": data_throughput,
+    "predict_throughput": predict_throughput,
+    "multi_gpu": multi_gpu,
+    "profile_step_gpu": profile_step_gpu,
+    "dpo_gpu_memory": dpo_gpu_memory,
+    "export_gpu_check": export_gpu_check,
+}
+
+
+def _kind(d: dict) -> str | None:
+    return d.get("bench") or d.get("benchmark")
+
+
+def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
+    """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
+
+    multi_gpu keeps one row per method (LoRA and full are separate runs); predict_throughput keeps the
+    newest throughput run and the newest identity check.
+    """
+    found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
+    for path in sorted(results.glob("*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        kind = _kind(d)
+        if kind not in HEADLINES or HEADLINES[kind](d) is None:
+            continue
+        sub = ""
+        if kind == "multi_gpu":
+            sub = d["comparisons"][0]["method"]
+        elif kind == "predict_throughput":
+            sub = "ratio" if d.get("ratio") else "check"
+        key = (kind, sub)
+        if key not in found or d["date"] > found[key][0]:
+            found[key] = (d["date"], d, path)
+    out = []
+    for kind in HEADLINES:
+        for (k, _), (date, d, path) in sorted(found.items()):
+            if k == kind:
+                line = HEADLINES[kind](d) or ""
+                out.append((kind, line, _device(d), _versions(d), date[:10], f"bench/results/{path.name}"))
+    return out
+
+
+def table(results: Path = RESULTS) -> str:
+    lines = [
+        BEGIN,
+        "| benchmark | result | device | versions | date | raw result |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, line, device, versions, date, file in rows(results):
+        lines.append(f"| `{kind}` | {line} | {device} | {versions} | {date} | [{Path(file).name}]({file}) |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def updated_readme(text: str, block: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{README}: the markers {BEGIN!r} and {END!r} are missing")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + block + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when README.md is not up to date")
+    a = p.parse_args(argv)
+    current = README.read_text(encoding="utf-8")
+    new = updated_readme(current, table())
+    if a.check:
+        if new != current:
+            print("README.md's performance table is out of date: run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    print(f"wrote the performance table of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""bench/report.py: the README's performance table is generated from bench/results and kept current."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+
+
+def test_readme_table_matches_the_results():
+    assert report.main(["--check"]) == 0, "run: python bench/report.py"
+
+
+def _write(folder: Path, name: str, data: dict) -> None:
+    (folder / name).write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_newest_result_with_a_headline_wins_and_names_its_file(tmp_path):
+    gpu = {"cuda": True, "name": "NVIDIA H100 80GB HBM3", "count": 1}
+    runs = [{"reference": "adapter", "exit_code": 0, "peak_mem_gib": 5.0},
+            {"reference": "ref_model", "exit_code": 0, "peak_mem_gib": 6.0}]  # fmt: skip
+    _write(tmp_path, "old.json", {"bench": "dpo_gpu_memory", "date": "2026-01-01T00:00:00", "device": gpu,
+                                  "versions": {"torch": "2.11.0"}, "runs": runs})  # fmt: skip
+    newer = [dict(r, peak_mem_gib=r["peak_mem_gib"] / 2) for r in runs]
+    _write(tmp_path, "new.json", {"bench": "dpo_gpu_memory", "date": "2026-02-01T00:00:00", "device": gpu,
+                                  "versions": {"torch": "2.11.0"}, "runs": newer})  # fmt: skip
+    # a newer file without a headline (a failed run) does not replace the last good one
+    failed = [dict(r, exit_code=1) for r in runs]
+    _write(tmp_path, "failed.json", {"bench": "dpo_gpu_memory", "date": "2026-03-01T00:00:00", "device": gpu,
+                                     "versions": {}, "runs": failed})  # fmt: skip
+    (row,) = report.rows(tmp_path)
+    assert row[0] == "dpo_gpu_memory" and "2.5 vs ref_model 3.0" in row[1]
+    assert row[2] == "H100 80GB HBM3" and row[3] == "torch 2.11.0" and row[4] == "2026-02-01"
+    assert row[5] == "bench/results/new.json"
+
+
+def test_goals_of_the_training_bench_say_pass_or_fail():
+    d = {"goals": [{"goal": "best vs best tokens/s ratio", "arch": "qwen", "method": "lora", "value": 2.4,
+                    "target": "≥ 2.0", "pass": True},
+                   {"goal": "MFU", "arch": "llama", "method": "full", "value": 0.31, "target": "≥ 0.45",
+                    "pass": False},
+                   {"goal": "skipped", "arch": "llama", "method": "lora", "value": None, "target": "≥ 2.0",
+                    "pass": None}]}  # fmt: skip
+    line = report.train_throughput(d)
+    assert "qwen lora best vs best tokens/s ratio: 2.4 (≥ 2.0: pass)" in line
+    assert "llama full MFU: 0.31 (≥ 0.45: FAIL)" in line and "skipped" not in line
+
+
+def test_missing_markers_are_reported():
+    import pytest
+
+    with pytest.raises(SystemExit, match="markers"):
+        report.updated_readme("# no table here\n", "x")
