@@ -6,6 +6,11 @@ gradients for the hidden states, the head weight and bias computed right there i
 Liger / cut-cross-entropy approach), so the extra memory is ``chunk_rows x vocab``, never ``N x vocab``.
 Backward only scales the stored gradients by the incoming one.
 
+``linear_token_logps`` gives the per-row log-probs instead of their sum (DPO/KTO's sequence log-probs):
+its backward weights each row by its own incoming gradient, so it recomputes the chunks there when the
+head needs a gradient; when only the hidden states do (LoRA), their per-row gradients are taken in the
+forward and scaled row by row.
+
 Applied to an HF model, the head's input is taken by a forward pre-hook that hands the head an empty
 sequence, so the model's own forward (DDP and PEFT wrappers included) runs unchanged and skips the logits.
 A probe on a few tokens checks once that this reproduces the model's logits (soft-capping and scaling
@@ -64,10 +69,12 @@ def _chunked(
     transform: LogitTransform,
     chunk_rows: int,
     want: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Sum of (weighted) token losses and, where ``want`` says so, gradients for hidden, weight, bias."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Sum of (weighted) token losses, the unweighted loss of each row [N] and, where ``want`` says so,
+    gradients for hidden, weight, bias."""
     want_h, want_w, want_b = want
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_h else None
     # Accumulated in place with addmm (cuBLAS sums each chunk in fp32): no second [V, H] buffer.
     grad_w = torch.zeros_like(weight) if want_w else None
@@ -79,6 +86,7 @@ def _chunked(
         z = transform.apply(F.linear(h, weight, bias).float())  # [chunk, V], fp32 like the plain path
         lse = torch.logsumexp(z, dim=-1)
         row_loss = lse - z.gather(1, t[:, None]).squeeze(1)
+        rows[start:end] = row_loss
         w = token_weights[start:end].float() if token_weights is not None else None
         total += (row_loss * w).sum() if w is not None else row_loss.sum()
         if not any(want):
@@ -99,7 +107,7 @@ def _chunked(
             grad_h[start:end] = g @ weight
         if grad_w is not None:
             grad_w.addmm_(g.t(), h)
-    return total, grad_h, grad_w, grad_b
+    return total, rows, grad_h, grad_w, grad_b
 
 
 def _scale_(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -131,7 +139,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         needs = ctx.needs_input_grad
         want = (needs[0], needs[1], bias is not None and needs[2])
-        total, grad_h, grad_w, grad_b = _chunked(
+        total, _, grad_h, grad_w, grad_b = _chunked(
             hidden, weight, bias, targets, token_weights, transform, chunk_rows, want
         )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -169,6 +177,78 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows)
 
 
+def _scale_rows(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``grad * by[:, None]`` (a new tensor of grad's dtype), the product taken in fp32 a block at a time."""
+    out = torch.empty_like(grad)
+    for start in range(0, grad.shape[0], rows):
+        end = min(start + rows, grad.shape[0])
+        out[start:end] = grad[start:end].float() * by[start:end, None].float()
+    return out
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """Per-row log-probs of the targets; backward is the weighted cross-entropy's with weights -grad_out."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        transform: LogitTransform,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        needs = ctx.needs_input_grad
+        ctx.want = (needs[0], needs[1], bias is not None and needs[2])
+        ctx.recompute = ctx.want[1] or ctx.want[2]
+        ctx.transform, ctx.chunk_rows = transform, chunk_rows
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if ctx.recompute:  # the head's gradient mixes rows by weights only backward knows: redo the chunks
+            _, rows, _, _, _ = _chunked(
+                hidden, weight, bias, targets, None, transform, chunk_rows, (False,) * 3
+            )
+            ctx.save_for_backward(hidden, weight, bias, targets)
+        else:  # each row of grad_h depends on its own row's loss only: take them now, scale them later
+            _, rows, grad_h, _, _ = _chunked(
+                hidden, weight, bias, targets, None, transform, chunk_rows, (needs[0], False, False)
+            )
+            ctx.save_for_backward(grad_h)
+        return rows.neg_()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.recompute:
+            (grad_h,) = ctx.saved_tensors
+            return _scale_rows(grad_h, grad_out.neg()), None, None, None, None, None
+        hidden, weight, bias, targets = ctx.saved_tensors
+        _, _, grad_h, grad_w, grad_b = _chunked(
+            hidden, weight, bias, targets, grad_out.neg(), ctx.transform, ctx.chunk_rows, ctx.want
+        )
+        grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    transform: LogitTransform = LogitTransform(),
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per row, ``log_softmax(transform(hidden @ weight.T + bias))[target]``: [N] fp32, exact gradients.
+
+    Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
+    more than ``chunk_rows x V`` logits, forward or backward.
+    """
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    if not torch.is_grad_enabled():
+        return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3)[1].neg_()
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, rows)
+
+
 @contextmanager
 def head_input(head: torch.nn.Module, skip_logits: bool = True) -> Iterator[list[torch.Tensor]]:
     """Collect what ``head`` is called with; with ``skip_logits`` it is handed an empty sequence instead."""
@@ -204,6 +284,41 @@ class FusedHead:
 
         ``model`` may be the wrapped one (DDP, PEFT): its forward runs as is, the head sees no tokens.
         """
+        rows, hidden, targets, outputs = self._supervised(model, inputs, labels)
+        weights = None
+        if token_weights is not None:  # a weight goes with its label, so it shifts with it
+            weights = F.pad(token_weights[:, 1:], (0, 1)).reshape(-1).index_select(0, rows)
+        total = linear_cross_entropy(
+            hidden,
+            self.head.weight,
+            targets,
+            bias=self.head.bias,
+            token_weights=weights,
+            transform=self.transform,
+            chunk_rows=self.chunk_rows,
+        )
+        return total, rows.numel(), outputs
+
+    def sequence_logps(
+        self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(summed log-probs of the labelled tokens [B] fp32, their count [B], outputs with empty logits).
+
+        The fused `pref_losses.sequence_logps(model(**inputs).logits, labels)`.
+        """
+        rows, hidden, targets, outputs = self._supervised(model, inputs, labels)
+        token = linear_token_logps(
+            hidden, self.head.weight, targets, self.head.bias, self.transform, self.chunk_rows
+        )
+        batch, time = labels.shape
+        sums = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add(0, rows // time, token)
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        return sums, counts, outputs
+
+    def _supervised(
+        self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """(flat indices of the labelled positions, their hidden states, their targets, model outputs)."""
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         # The one data-dependent shape of the step (a device sync), taken before the forward is queued.
         rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
@@ -212,19 +327,7 @@ class FusedHead:
         if len(seen) != 1:
             raise RuntimeError(f"the output head ran {len(seen)} times in one forward; the probe saw once")
         hidden = seen[0].reshape(-1, seen[0].shape[-1]).index_select(0, rows)
-        weights = None
-        if token_weights is not None:  # a weight goes with its label, so it shifts with it
-            weights = F.pad(token_weights[:, 1:], (0, 1)).reshape(-1).index_select(0, rows)
-        total = linear_cross_entropy(
-            hidden,
-            self.head.weight,
-            shifted.index_select(0, rows),
-            bias=self.head.bias,
-            token_weights=weights,
-            transform=self.transform,
-            chunk_rows=self.chunk_rows,
-        )
-        return total, rows.numel(), outputs
+        return rows, hidden, shifted.index_select(0, rows), outputs
 
 
 def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None) -> FusedHead | str:
@@ -276,5 +379,6 @@ __all__ = [
     "default_chunk_rows",
     "head_input",
     "linear_cross_entropy",
+    "linear_token_logps",
     "probe_fused_head",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.errors import TunesmithError
 from tunesmith.infer.settings import SamplingSettings
 from tunesmith.training.reference import Reference
 from tunesmith.training.rewards import RewardFunc, score
@@ -109,6 +110,17 @@ class GRPO:
             **{f"rewards/{name}": torch.tensor(v, device=device).mean() for name, v in each.items()},
         }
         return Rollout(batch, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing carries over between generation batches: advantages are per group, beta is fixed."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise TunesmithError(
+                f"grpo keeps no running state, but the checkpoint holds {sorted(state)} "
+                "(from another stage?). Fix: resume from a checkpoint of a grpo run"
+            )
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]

@@ -9,6 +9,8 @@ Options: ``ppo_score_norm`` (scores normalised by running mean/std over the run)
 (per-token rewards whitened over the batch), ``ppo_epochs`` (optimisation steps per rollout batch) and
 the KL coefficient: fixed (``ppo_target: null``) or adaptive towards ``ppo_target`` nats per sequence
 (Ziegler et al.'s proportional controller, horizon 10000 samples; ``ppo_kl_coef`` is its start value).
+Both running statistics (KL coefficient, score moments) move alike on every rank and are part of checkpoints
+(`PPO.state_dict`), so a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -134,14 +136,14 @@ def ppo_loss(
 
 @dataclass
 class RunningMoments:
-    """Mean and std of every score seen so far (Chan et al.'s parallel update), for ppo_score_norm."""
+    """Mean and std of every score seen so far, over all ranks (Chan et al.'s parallel update)."""
 
     mean: float = 0.0
     var: float = 1.0
     count: float = 1e-24
 
     def update(self, xs: torch.Tensor) -> None:
-        n, mean, var = xs.numel(), xs.mean().item(), xs.var(unbiased=False).item()
+        n, mean, var = _global_moments(xs)
         delta, total = mean - self.mean, self.count + n
         self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
         self.mean += delta * n / total
@@ -150,6 +152,12 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.var * self.count / max(self.count - 1, 1))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
 
 
 @dataclass
@@ -164,6 +172,27 @@ class KLController:
         if self.target is not None:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
             self.coef *= 1 + error * n / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef = float(state["coef"])
+
+
+def _global_moments(xs: torch.Tensor) -> tuple[int, float, float]:
+    """(count, mean, population variance) of `xs` over all processes, so every rank's score moments agree."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return xs.numel(), xs.mean().item(), xs.var(unbiased=False).item()
+    xs = xs.detach().double()
+    sums = torch.stack([xs.sum(), torch.tensor(float(xs.numel()), dtype=xs.dtype, device=xs.device)])
+    dist.all_reduce(sums)
+    mean = sums[0] / sums[1]
+    squares = ((xs - mean) ** 2).sum()
+    dist.all_reduce(squares)
+    return int(sums[1].item()), mean.item(), (squares / sums[1]).item()
 
 
 def _global_mean(value: torch.Tensor) -> torch.Tensor:
@@ -242,6 +271,14 @@ class PPO:
         if learn:
             self.kl.update(_global_mean(kl_per_sequence).item(), len(raw))
         return Rollout(batch, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to continue the run: the KL coefficient and the score moments."""
+        return {"kl": self.kl.state_dict(), "score_moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.moments.load_state_dict(state["score_moments"])
 
     def loss(
         self, model: Any, batch: dict[str, torch.Tensor]

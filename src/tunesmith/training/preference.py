@@ -4,20 +4,29 @@ Each trainer overrides `compute_loss` (policy forward, reference log-probs, loss
 same loss for evaluation) and `log` (adds the batch metrics, averaged since the last log, to the record
 that goes to trainer_log.jsonl and the callbacks). The loss is a mean over pairs/samples of a micro-batch,
 so the Trainer divides it by the gradient-accumulation steps (`loss_is_scaled_for_ga = False`).
+
+Sequence log-probs (policy, adapter-disabled policy, reference model, precomputed columns) go through the
+fused LM head (`FusedHead.sequence_logps`: no [batch, time, vocab] logits) whenever `TunesmithTrainer`'s
+decision for SFT accepts that model's head (`fused_loss`, no FSDP / ZeRO-3, the probe); otherwise through
+the model's logits (`logps`), and the reason is logged once per model.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunesmith.plotting import plot_curve
+from tunesmith.training.fused_ce import FusedHead
 from tunesmith.training.pref_losses import (
     LENGTH_NORMALISED,
     PrefLoss,
@@ -32,6 +41,8 @@ from tunesmith.training.pref_losses import (
 )
 from tunesmith.training.reference import RefColumns, Reference
 from tunesmith.training.trainer import TunesmithTrainer
+
+logger = logging.getLogger("tunesmith.train")
 
 
 class MetricStore:
@@ -62,23 +73,41 @@ def reduce_means(accelerator: Any, metrics: dict[str, torch.Tensor]) -> dict[str
     return dict(zip(metrics, accelerator.reduce(values, "mean").tolist()))
 
 
-def logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
-    """(summed log-probs of the labelled tokens, their count) per sequence."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return sequence_logps(out.logits, labels)
+def logps(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    head: FusedHead | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs of the labelled tokens, their count) per sequence; through ``head`` when given
+    (`model`'s own fused head: no logits), else from the model's logits."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if head is not None:
+        sums, counts, _ = head.sequence_logps(model, inputs, labels)
+        return sums, counts
+    return sequence_logps(model(**inputs).logits, labels)
 
 
-def dpo_reference_columns(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+# model, input_ids, attention_mask, labels -> (sums, counts): `logps`, or a trainer's `logps` method
+Logps = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dpo_reference_columns(
+    model: Any, batch: dict[str, Any], logps_of: Logps = logps
+) -> dict[str, torch.Tensor]:
     """Summed reference log-probs of the chosen and rejected sides of a pairwise batch."""
-    sums, _ = logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    sums, _ = logps_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     half = sums.shape[0] // 2
     return {"ref_chosen_logps": sums[:half], "ref_rejected_logps": sums[half:]}
 
 
-def kto_reference_columns(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+def kto_reference_columns(
+    model: Any, batch: dict[str, Any], logps_of: Logps = logps
+) -> dict[str, torch.Tensor]:
     """Summed reference log-probs of KTO samples and of their KL pairs."""
-    sums, _ = logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    kl, _ = logps(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
+    sums, _ = logps_of(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    kl, _ = logps_of(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
     return {"ref_logps": sums, "ref_kl_logps": kl}
 
 
@@ -117,7 +146,10 @@ class _PreferenceBase(MetricsTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.reference = reference
-        self.ref_columns = ref_columns
+        # precomputing (pref_run) calls this too: reference columns take the same fused-or-plain path
+        self.ref_columns: RefColumns = partial(ref_columns, logps_of=self.logps)
+        # a separate reference model's head: the FusedHead, or why not (weak: a dropped reference is freed)
+        self._ref_heads: WeakKeyDictionary[Any, FusedHead | str] = WeakKeyDictionary()
         self.beta = beta
         self.ftx = ftx
         self.metrics = MetricStore()
@@ -133,6 +165,28 @@ class _PreferenceBase(MetricsTrainer):
         with torch.no_grad(), self.reference.model_for(self.accelerator.unwrap_model(model)) as ref:
             values = self.ref_columns(ref, inputs)
         return [values[n] for n in names]
+
+    def logps(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logps` of the policy or a reference, through its fused head where the decision allows it."""
+        probe = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        base = self.accelerator.unwrap_model(model)
+        if base is self.model:  # the policy, or its adapter-disabled self: one head, SFT's decision
+            head = self._fused_head(model, probe)
+        else:
+            if base not in self._ref_heads:
+                self._ref_heads[base] = decision = self._decide_fused(base, probe)
+                if isinstance(decision, FusedHead):
+                    logger.info(
+                        "reference log-probs: fused lm_head (head %s, %s, chunks of %d rows)",
+                        list(decision.head.weight.shape), decision.transform, decision.chunk_rows,
+                    )  # fmt: skip
+                else:
+                    logger.info("reference log-probs: plain logits path (fused off: %s)", decision)
+            decision = self._ref_heads[base]
+            head = decision if isinstance(decision, FusedHead) else None
+        return logps(model, input_ids, attention_mask, labels, head)
 
     def record(self, model: Any, metrics: dict[str, float]) -> None:
         self.metrics.add("train" if model.training else "eval", metrics)
@@ -157,7 +211,7 @@ class DPOTrainer(_PreferenceBase):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        sums, counts = logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        sums, counts = self.logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
         half = sums.shape[0] // 2
         means = mean_logps(sums, counts)
         policy = means if self.loss_type in LENGTH_NORMALISED else sums
@@ -205,9 +259,9 @@ class KTOTrainer(_PreferenceBase):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        sums, counts = logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        sums, counts = self.logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
         with torch.no_grad():  # the KL term is a detached reference point (KTO paper, TRL)
-            kl_sums, _ = logps(
+            kl_sums, _ = self.logps(
                 model, inputs["kl_input_ids"], inputs["kl_attention_mask"], inputs["kl_labels"]
             )
         ref, ref_kl = self.reference_values(model, inputs, ("ref_logps", "ref_kl_logps"))

@@ -6,7 +6,9 @@ With `iterations` > 1 (grpo_iterations, ppo_epochs) the sampler repeats every ge
 micro-batches of one optimisation step) `iterations` times and the rollouts of a window are kept and reused,
 so one generation serves `iterations` optimisation steps and the clip keeps the policy close to the one
 that sampled. Checkpoints, resuming, logging (trainer_log.jsonl, the standard callbacks) and LoRA+ are the
-Trainer's own; a checkpoint taken inside a cycle regenerates on resume.
+Trainer's own; a checkpoint taken inside a cycle regenerates on resume. The algorithm's running state (PPO's
+adaptive KL coefficient and score moments) is saved beside each checkpoint's trainer_state.json as
+rl_state.json and read back by `train(resume_from_checkpoint=...)` on every rank.
 
 Evaluation samples the eval prompts and logs their rewards; eval_loss is minus the mean reward, so
 early stopping and load_best_model_at_end pick the highest reward.
@@ -14,18 +16,26 @@ early stopping and load_best_model_at_end pick the highest reward.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from tunesmith.errors import TunesmithError
 from tunesmith.plotting import plot_curve
 from tunesmith.training.preference import MetricStore, reduce_means
 from tunesmith.training.reward import load_reward_weights, save_reward_model
 from tunesmith.training.rollout import RepeatSampler, RLAlgorithm, Rollout
 from tunesmith.training.trainer import TunesmithTrainer
+
+log = logging.getLogger("tunesmith")
+
+RL_STATE_NAME = "rl_state.json"  # the algorithm's running state, in each checkpoint folder
 
 
 class RLTrainer(TunesmithTrainer):
@@ -61,18 +71,24 @@ class RLTrainer(TunesmithTrainer):
         step = self.state.global_step
         slot = self._window[1] + 1 if self._window[0] == step else 0
         self._window = (step, slot)
-        if step % self.iterations == 0 or slot not in self._rollouts:
+        starts_cycle = step % self.iterations == 0
+        if starts_cycle or slot not in self._rollouts:
             if slot == 0:
                 self._rollouts.clear()
-            self._rollouts[slot] = self._rollout(model, inputs["rows"], seed=step * 1009 + slot)
+            # a regeneration inside a cycle (after resuming there) does not move the running state again:
+            # the checkpoint already holds this cycle's update
+            rollout = self._rollout(model, inputs["rows"], seed=step * 1009 + slot, learn=starts_cycle)
+            self._rollouts[slot] = rollout
         return super().training_step(model, dict(self._rollouts[slot].batch), None)
 
-    def _rollout(self, model: Any, rows: list[dict[str, Any]], seed: int) -> Rollout:
+    def _rollout(self, model: Any, rows: list[dict[str, Any]], seed: int, learn: bool = True) -> Rollout:
         policy = self.accelerator.unwrap_model(model)
         was_training = policy.training
         policy.eval()
         try:
-            rollout = self.algorithm.rollout(policy, rows, self.args.seed + seed, learn=was_training)
+            rollout = self.algorithm.rollout(
+                policy, rows, self.args.seed + seed, learn=learn and was_training
+            )
         finally:
             policy.train(was_training)
         split = "train" if was_training else "eval"
@@ -95,6 +111,48 @@ class RLTrainer(TunesmithTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.metrics.merge_into(logs)
         super().log(logs, start_time)
+
+    # ---- the algorithm's running state in checkpoints ----------------------------------------------------
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        state = self.algorithm.state_dict()
+        if state and self.args.should_save:
+            # written before the Trainer's files, so a checkpoint with trainer_state.json has it too
+            folder = Path(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / RL_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """Trainer.train, with the algorithm's running state read back from the checkpoint first."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+        if isinstance(checkpoint, str):
+            self._load_algorithm_state(Path(checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_algorithm_state(self, checkpoint: Path) -> None:
+        # every rank reads the same file (written by rank 0), so the restored state agrees across ranks
+        path = checkpoint / RL_STATE_NAME
+        if not path.is_file():
+            if self.algorithm.state_dict():
+                log.warning(
+                    "%s is missing (a checkpoint of an older tunesmith?): the KL coefficient and score "
+                    "statistics restart from their config values, so the resumed run departs from the "
+                    "original",
+                    path,
+                )
+            return
+        try:
+            self.algorithm.load_state_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, TunesmithError) as e:
+            raise TunesmithError(
+                f"{path}: cannot restore the RL state ({type(e).__name__}: {e}). Fix: resume from an "
+                f"intact checkpoint of this stage, or delete {RL_STATE_NAME} to restart the state"
+            ) from e
 
     # ---- ppo: the LM (or adapter) plus value_head.safetensors, as stage rm saves ------------------------
 

@@ -45,6 +45,14 @@ class RLAlgorithm(Protocol):
         """The loss of a rollout batch and its metrics; `model` is the (possibly wrapped) trained module."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """Running state (JSON-able, the same on every rank) that a checkpoint must carry."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (on resume)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Sampled:
