@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "\nnext:\n"
         f"  .venv/bin/tunesmith check {out / 'tunesmith_config.yaml'}   # see exactly what the model was trained on\n"
         f"  .venv/bin/tunesmith chat model_name_or_path={out} template=chatml do_sample=false   # talk to it\n"
+        f"  .venv/bin/tunesmith export model_name_or_path={out} template=chatml export_dir=outputs/demo/export"
+        "   # a checked, servable copy (+ Ollama Modelfile)\n"
+        "  .venv/bin/tunesmith webui --root outputs   # the browser UI: train, chat, export, compare runs\n"
         "  .venv/bin/tunesmith train examples/qwen2.5_lora_sft.yaml      # your model and data (see examples/)\n"
         "  .venv/bin/tunesmith templates                                  # the built-in chat templates"
     )
