@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import operator
 import os
@@ -113,8 +114,33 @@ def write_resolved_config(cfg: Config, out_dir: str | Path) -> Path:
         f"# Secrets ({', '.join(SECRET_KEYS)}) are never written: give them by override or environment.\n"
     )
     path = out / RESOLVED_CONFIG_NAME
-    path.write_text(header + yaml.safe_dump(flat, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    path.write_text(header + yaml_text(flat), encoding="utf-8")
     return path
+
+
+def yaml_text(values: Mapping[str, Any]) -> str:
+    """Config keys and values as YAML, in the given order (``yaml.safe_load`` gives them back)."""
+    return yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True)
+
+
+def yaml_scalar(value: Any) -> str:
+    """How a value is written in YAML on one line: 8, true, cosine; a tuple as its comma list."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _plain(value: Any) -> Any:
+    """A value YAML's safe dumper writes: tuples as lists, paths as text, enums as their value."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def parse_override_value(text: str) -> Any:
@@ -333,7 +359,7 @@ def _check_value(key: str, entry: _Entry, annotation: Any, default: Any, problem
             fix = f"did you mean {close[0]}?" if close else f"use one of the allowed values for {key}"
             problems.append(Problem(key, f"{entry.at}not an allowed value", entry.value, allowed, fix))
         else:
-            example = f", e.g. {key}: {_yaml_scalar(default)}" if default not in (None, "", ()) else ""
+            example = f", e.g. {key}: {yaml_scalar(default)}" if default not in (None, "", ()) else ""
             if isinstance(entry.value, bool) and _accepts_text(annotation):
                 example += " (quote text that YAML reads as a bool: yes, no, on, off, true, false)"
             problems.append(
@@ -348,13 +374,6 @@ def _accepts_text(annotation: Any) -> bool:
     except Mismatch:
         return False
     return True
-
-
-def _yaml_scalar(value: Any) -> str:
-    """How a default is written in YAML, for examples in fixes: 8, true, cosine, all."""
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 _BOUNDS = {

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.training.test_fused_ce import TRANSFORMS, _close, _Messages, _tiny
 from tests.training.test_fused_ce import _LargestTensor as LargestTensor
-from tests.training.test_fused_ce import _Messages, _tiny
 from tests.training.test_pref_stages import _logs, _train, other_model_dir, pref_dir  # noqa: F401 (its fixtures)
 from tunesmith.data.collate import IGNORE_INDEX
 from tunesmith.training.fused_ce import (
@@ -31,18 +31,6 @@ from tunesmith.training.pref_losses import sequence_logps
 from tunesmith.training.preference import logps
 
 B, T, H, V = 4, 11, 16, 50
-TRANSFORMS = {
-    "plain": LogitTransform(),
-    "scale": LogitTransform(scale=0.25),
-    "softcap": LogitTransform(softcap=2.0),
-    "both": LogitTransform(scale=3.0, softcap=5.0),
-}
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
-    """Equal within ``rtol`` of each value, or of the largest value for entries near zero."""
-    actual, expected = actual.detach(), expected.detach()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
 
 
 def _labels(seed: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 import orjson
-import yaml
 
+from tunesmith.config import yaml_scalar, yaml_text
 from tunesmith.config_schema import GROUPS, Stage
 from tunesmith.config_types import Mismatch, choices_of, coerce, hf_training_fields
 from tunesmith.errors import ConfigError, TunesmithError
@@ -229,24 +229,6 @@ def config_errors(cfg: dict[str, Any]) -> list[str]:
     return []
 
 
-def _plain(value: Any) -> Any:
-    """A value YAML's safe dumper writes: tuples as lists, paths as text, enums as their value."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
-
-
-def yaml_text(cfg: Mapping[str, Any]) -> str:
-    """The config as YAML, keys in the given order (``yaml.safe_load`` gives ``cfg`` back)."""
-    return yaml.safe_dump(_plain(cfg), sort_keys=False, allow_unicode=True)
-
-
 def _override_text(value: Any) -> str | None:
     """``value`` as the text after ``key=`` on a command line, or None when it has no such form."""
     if isinstance(value, (list, tuple)):
@@ -258,7 +240,7 @@ def _override_text(value: Any) -> str | None:
         return None
     if value is None:
         return "null"
-    text = yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("\n...\n").strip()
+    text = yaml_scalar(value)
     return text if "\n" not in text else None
 
 

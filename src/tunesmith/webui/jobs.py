@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from tunesmith.webui.forms import yaml_text
+from tunesmith.config import yaml_text
 from tunesmith.webui.runs import LOG_FILE, read_log
 
 __all__ = ["CONFIGLESS_COMMANDS", "Job", "Progress"]
