@@ -277,14 +277,35 @@ def side_keys(side: str, plan: Plan) -> dict:
     raise ValueError(f"unknown side {side!r}; allowed: {', '.join(SIDES)}")
 
 
-def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+def parse_extra_sides(items: list[str]) -> dict[str, str]:
+    """--extra-side NAME=BASE -> {NAME: BASE}: one more run per arch and method, configured as BASE plus its
+    own --set NAME:key=value flags (e.g. an A/B of one flag in the same run). Shown, never in the goals."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, base = item.partition("=")
+        if not eq or base not in SIDES or name in SIDES or name[:3] != base[:3] or "/" in name:
+            raise ValueError(
+                f"--extra-side {item!r}: expected NAME=BASE with BASE one of {', '.join(SIDES)} and a new "
+                "NAME of the same tool (ts-... or lf-...)"
+            )
+        out[name] = base
+    return out
+
+
+def base_side(side: str, extra: dict[str, str]) -> str:
+    """The named side an extra side is configured from (a named side is its own base)."""
+    return extra.get(side, side)
+
+
+def parse_sets(items: list[str], extra: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """--set SIDE:key=value (value read as JSON when it parses, else a string) -> {side: {key: value}}."""
     out: dict[str, dict[str, Any]] = {}
+    allowed = [*SIDES, *(extra or {})]
     for item in items:
         side, sep, kv = item.partition(":")
         key, eq, raw = kv.partition("=")
-        if not sep or not eq or side not in SIDES or not key:
-            raise ValueError(f"--set {item!r}: expected SIDE:key=value with SIDE one of {', '.join(SIDES)}")
+        if not sep or not eq or side not in allowed or not key:
+            raise ValueError(f"--set {item!r}: expected SIDE:key=value with SIDE one of {', '.join(allowed)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

@@ -153,10 +153,11 @@ def run_side(
     a: argparse.Namespace, plan: tb.Plan, model: Path, arch: str, method: str, side: str, timeout: float
 ) -> dict:
     """One training run of one side in a child process; its per-step records reduced to the metrics."""
-    steps = a.default_steps if side.endswith("-default") else a.steps
+    base = tb.base_side(side, a.extra)
+    steps = a.default_steps if base.endswith("-default") else a.steps
     name = f"{arch}-{method}-{side}"
     out = a.work / "out" / name
-    cfg = tb.common_keys(model, arch, method, str(a.work / "data"), steps, plan) | tb.side_keys(side, plan)
+    cfg = tb.common_keys(model, arch, method, str(a.work / "data"), steps, plan) | tb.side_keys(base, plan)
     cfg |= a.sets.get(side, {})
     cfg["output_dir"] = str(out)
     keys = ("step", "loss", "tokens_seen", "elapsed_s", "peak_mem_gib")
@@ -198,6 +199,7 @@ def run_side(
         "arch": arch,
         "method": method,
         "side": side,
+        "base_side": base,
         "tool": "tunesmith" if side.startswith("ts-") else "llamafactory",
         "config": cfg,
         "exit_code": rc,
@@ -221,7 +223,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=ALPACA_DEMO, help="alpaca_en_demo.json")
     p.add_argument("--archs", nargs="+", default=list(tb.ARCHS), choices=list(tb.ARCHS))
     p.add_argument("--methods", nargs="+", default=list(tb.METHODS), choices=list(tb.METHODS))
-    p.add_argument("--sides", nargs="+", default=list(tb.SIDES), choices=list(tb.SIDES))
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=list(tb.SIDES),
+        help=f"in run order: {', '.join(tb.SIDES)} or an --extra-side",
+    )
     p.add_argument("--steps", type=int, default=60)
     p.add_argument(
         "--default-steps",
@@ -235,6 +242,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--best-batch", type=int, default=8, help="packed rows per micro-batch, best pair")
     p.add_argument("--long-rows", type=int, default=200)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SIDE:KEY=VALUE")
+    p.add_argument(
+        "--extra-side",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="NAME=BASE",
+        help="one more run per arch/method: BASE's config plus --set NAME:... (an A/B in the same run)",
+    )
     p.add_argument("--run-timeout", type=float, default=300, help="seconds per run (SIGINT, then kill)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting runs past this many seconds")
     p.add_argument("--lf-pythonpath", default="", help="folder of LLaMA-Factory and its pins (lf_device_env)")
@@ -269,9 +284,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         a.lf_pythonpath = str(write_stubs())
     try:
-        a.sets = tb.parse_sets(a.sets)
+        a.extra = tb.parse_extra_sides(a.extra)
+        a.sets = tb.parse_sets(a.sets, a.extra)
     except ValueError as e:
         p.error(str(e))
+    unknown = [s for s in a.sides if s not in tb.SIDES and s not in a.extra]
+    if unknown:
+        p.error(f"--sides: unknown {', '.join(unknown)}; allowed: {', '.join([*tb.SIDES, *a.extra])}")
+    a.sides += [s for s in a.extra if s not in a.sides]  # extra sides run after the listed ones
     return a
 
 
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "default_steps": a.default_steps,
             "warm": a.warm,
             "sets": a.sets,
+            "extra_sides": a.extra,
             "lf_pythonpath": a.lf_pythonpath,
         },
         "data": tb.write_bench_data(a.data, a.work / "data", a.long_rows, 64 if a.cpu_smoke else None),

@@ -115,6 +115,9 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
     kw = engine_kwargs(cfg.training.hf_kwargs(), world_size, cuda=torch.cuda.is_available())
     kw.update(precision)
     kw["remove_unused_columns"] = False  # our collator needs every column it was given
+    # torch_compile is ours: the decoder layers are compiled in place (model.compile), not the whole model
+    for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend"):
+        kw.pop(key, None)
     kw.setdefault("report_to", "none")
     kw.setdefault("logging_steps", 10)
     kw.setdefault("logging_first_step", True)

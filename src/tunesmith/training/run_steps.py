@@ -86,6 +86,8 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     # so that a run repeats.
     set_seed(cfg.training.seed)
     tuned = _load_model(cfg, tokenizer, dtype)
+    if cfg.training.hf.get("torch_compile"):
+        _compile_layers(cfg, tuned.model)
 
     manifest = None
     if args.process_index == 0:
@@ -100,6 +102,23 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
         )
     return RunStart(
         cfg, launch, out, resume, dtype, precision, tokenizer, template, args, data, tuned, manifest
+    )
+
+
+def _compile_layers(cfg: Config, model: Any) -> None:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from tunesmith.model.compile import compile_decoder_layers
+
+    hf = cfg.training.hf
+    if hf.get("fsdp") or is_deepspeed_zero3_enabled():
+        raise TunesmithError(
+            "torch_compile: true with FSDP or DeepSpeed ZeRO-3 is not supported: they gather each layer's "
+            "sharded weights in hooks around the layer, which tunesmith does not compile through. "
+            "Fix: set torch_compile: false, or use DDP / deepspeed: zero2"
+        )
+    compile_decoder_layers(
+        model, mode=hf.get("torch_compile_mode"), backend=hf.get("torch_compile_backend") or "inductor"
     )
 
 

@@ -1,0 +1,64 @@
+"""torch.compile per decoder layer ("regional" compilation), for the `torch_compile` key.
+
+Why per layer: a training step of a small model is host-bound. Eager PyTorch launches every norm, RoPE,
+activation, LoRA cast/scale/add and residual as its own kernel, some 9,000 launches per LoRA step of a
+24-layer model (bench/profile_step_gpu.py), and the GPU waits on Python. Compiling one decoder layer fuses
+those element-wise ops into a few Triton kernels, and every layer of the stack reuses the one compiled
+graph (the layers share code; their weights are graph inputs), so compiling costs seconds per distinct
+input shape, not per layer. Transformers' own `torch_compile` compiles the whole model instead: a graph
+per model that gradient checkpointing, PEFT wrappers and the loss split into many pieces.
+
+The layers are compiled in place (`Module.compile`), so parameter names, state dicts, checkpoints and the
+saved model are unchanged. The graph is compiled with dynamic shapes from the start: batch shapes vary
+(unpadded batches, packed rows), and a recompile triggered by a new length in the middle of a run would
+stall it for as long as the first compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("tunesmith")
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The repeated blocks of a (PEFT-wrapped) causal LM: the longest ModuleList of one block class.
+
+    Prefers the classes the model names in `_no_split_modules` (its decoder layer), so a vision tower's
+    blocks or a list of LoRA dropouts are never picked instead of the decoder.
+    """
+    from torch import nn
+
+    no_split: set[str] = set()
+    for module in model.modules():
+        no_split.update(getattr(module, "_no_split_modules", None) or ())
+    best: list[Any] = []
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        kinds = {type(m).__name__ for m in module}
+        if len(kinds) != 1 or (no_split and not kinds & no_split):
+            continue
+        if len(module) > len(best):
+            best = list(module)
+    return best
+
+
+def compile_decoder_layers(model: Any, *, mode: str | None = None, backend: str = "inductor") -> int:
+    """Compile every decoder layer in place; returns how many. Raises when no layer stack is found."""
+    from tunesmith.errors import TunesmithError
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise TunesmithError(
+            f"torch_compile: found no stack of decoder layers in {type(model).__name__} to compile. "
+            "Fix: set torch_compile: false"
+        )
+    for layer in layers:
+        layer.compile(mode=mode, backend=backend, dynamic=True)
+    log.info(
+        "torch_compile: %d x %s compiled in place (backend %s, mode %s); the first steps include compiling",
+        len(layers), type(layers[0]).__name__, backend, mode or "default",
+    )  # fmt: skip
+    return len(layers)

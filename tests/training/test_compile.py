@@ -1,0 +1,84 @@
+"""torch_compile: decoder layers compiled in place train to the eager run's losses and save the same files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.helpers import load_safetensors, logged_losses, train
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.model.compile import compile_decoder_layers, decoder_layers
+
+
+def _tiny(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_decoder_layers_are_found_under_peft_and_compiled_in_place(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    layers = decoder_layers(model)
+    inner = model.base_model.model.model.layers
+    assert len(layers) == len(inner) == model.config.num_hidden_layers
+    assert all(a is b for a, b in zip(layers, inner, strict=True))
+    names = list(model.state_dict())
+    assert compile_decoder_layers(model) == len(inner)
+    assert all(layer._compiled_call_impl is not None for layer in inner)
+    assert list(model.state_dict()) == names  # in place: no `_orig_mod.` in any key
+
+
+def test_a_model_without_a_layer_stack_is_refused():
+    with pytest.raises(TunesmithError, match="found no stack of decoder layers.*torch_compile: false"):
+        compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_torch_compile_is_refused_with_fsdp(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises((ConfigError, TunesmithError), match="torch_compile"):
+        train(tiny_model_dir, sft_data, tmp_path / "o", torch_compile=True, fsdp="full_shard auto_wrap")
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_compiled_lora_run_matches_eager_and_saves_the_same_adapter(tiny_model_dir, sft_data, tmp_path):
+    """Packed and unpacked batches of changing lengths, gradient checkpointing on: one compile, same losses."""
+    common = dict(max_steps=4, packing=True, neat_packing=True, disable_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    train(tiny_model_dir, sft_data, tmp_path / "eager", **common)
+    torch.manual_seed(0)
+    handler = _Messages()
+    logging.getLogger("tunesmith").addHandler(handler)
+    try:
+        train(tiny_model_dir, sft_data, tmp_path / "compiled", torch_compile=True, **common)
+    finally:
+        logging.getLogger("tunesmith").removeHandler(handler)
+    assert any("torch_compile: 2 x Qwen2DecoderLayer compiled in place" in m for m in handler.messages)
+    eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    assert [s for s, _ in compiled] == [1, 2, 3, 4]
+    assert [x for _, x in compiled] == pytest.approx([x for _, x in eager], rel=1e-4)
+    a = load_safetensors(tmp_path / "eager" / "adapter_model.safetensors")
+    b = load_safetensors(tmp_path / "compiled" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:  # Adam at lr 1e-2 turns fused-kernel rounding into rare ~3e-4 steps on ~3e-2 weights
+        torch.testing.assert_close(b[key], a[key], rtol=1e-2, atol=1e-3)
+    # Transformers' own whole-model compile is not also applied: the key is consumed by tunesmith.
+    resolved = (tmp_path / "compiled" / "tunesmith_config.yaml").read_text()
+    assert "torch_compile: true" in resolved
+
+
+def test_torch_compile_is_a_known_key():
+    cfg = load_config(None, ["torch_compile=true", "torch_compile_mode=max-autotune-no-cudagraphs"])
+    assert cfg.training.hf["torch_compile"] is True
