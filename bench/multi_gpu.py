@@ -141,6 +141,7 @@ def run_one(a: argparse.Namespace, model: Path, data: Path, method: str, engine:
                     "launch_lines": [ln for ln in output.splitlines()
                                      if "launching torchrun" in ln or "distributed run" in ln][:2]}  # fmt: skip
     if rc != 0:
+        result["output_head"] = "\n".join(l for l in output.splitlines() if "[tunesmith" in l)[:4000]
         result["output_tail"] = output[-6000:]
         return result
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line]

@@ -75,7 +75,13 @@ def multi_gpu(d: dict) -> str | None:
             match = "loss match" if c.get("losses_match") else "LOSS DIFFERS"
             cells.append(f"{c['engine']} {_x(c['speed_ratio'])} ({match})")
         else:
-            cells.append(f"{c['engine']}: {c.get('reason', 'no result')}")
+            run = next((r for r in d.get("runs", []) if r.get("name") == c.get("run")), {})
+            why = c.get("reason", "no result")
+            if run.get("exit_code") == 124:
+                why = f"timed out after {run.get('wall_s')} s"
+            elif run.get("exit_code"):
+                why = f"exit {run['exit_code']}"
+            cells.append(f"{c['engine']}: {why}")
     return f"{method}, 2 GPUs vs 1 tokens/s: " + ", ".join(cells)
 
 
@@ -114,6 +120,18 @@ def train_throughput(d: dict) -> str | None:
         f"{g['arch']} {g['method']} {g['goal']}: {g['value']} ({g['target']}: {'pass' if g['pass'] else 'FAIL'})"
         for g in goals
     ]
+    runs = d.get("runs", {})
+    for name, base in (d.get("settings", {}).get("extra_sides") or {}).items():
+        for key, run in runs.items():  # an A/B in the same run: the named side against its variant
+            arch, method, side = key.split("/")
+            other = runs.get(f"{arch}/{method}/{base}") or {}
+            if side != name or not run.get("steady") or not other.get("steady"):
+                continue
+            a, b = other["steady"]["tokens_per_s"], run["steady"]["tokens_per_s"]
+            flags = ", ".join(f"{k}={v}" for k, v in (d["settings"].get("sets") or {}).get(base, {}).items())
+            cells.append(
+                f"{arch} {method} {base} ({flags}) vs {name}: {a:,.0f} vs {b:,.0f} tok/s, {_x(a / b)}"
+            )
     return "; ".join(cells)
 
 
@@ -135,8 +153,9 @@ def _kind(d: dict) -> str | None:
 def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
 
-    multi_gpu keeps one row per method (LoRA and full are separate runs); predict_throughput keeps the
-    newest throughput run and the newest identity check.
+    multi_gpu keeps one row per method and engine set (LoRA and full are separate runs); predict_throughput
+    keeps the newest throughput run and the newest identity check; train_throughput keeps the newest run
+    and the newest run with A/B (--extra-side) sides.
     """
     found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
     for path in sorted(results.glob("*.json")):
@@ -145,8 +164,10 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
         if kind not in HEADLINES or HEADLINES[kind](d) is None:
             continue
         sub = ""
-        if kind == "multi_gpu":
-            sub = d["comparisons"][0]["method"]
+        if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
+            sub = d["comparisons"][0]["method"] + ":" + "+".join(c["engine"] for c in d["comparisons"])
+        elif kind == "train_throughput":  # a run with A/B sides keeps its own row
+            sub = "ab" if d.get("settings", {}).get("extra_sides") else ""
         elif kind == "predict_throughput":
             sub = "ratio" if d.get("ratio") else "check"
         key = (kind, sub)

@@ -51,6 +51,21 @@ def test_goals_of_the_training_bench_say_pass_or_fail():
     assert "llama full MFU: 0.31 (≥ 0.45: FAIL)" in line and "skipped" not in line
 
 
+def test_ab_sides_of_the_training_bench_are_shown_as_ratios():
+    steady = {"qwen/lora/ts-best": 300.0, "qwen/lora/ts-best-eager": 200.0}
+    d = {"goals": [{"goal": "g", "arch": "qwen", "method": "lora", "value": 1.0, "target": "≥ 2.0", "pass": False}],
+         "settings": {"extra_sides": {"ts-best-eager": "ts-best"}, "sets": {"ts-best": {"torch_compile": True}}},
+         "runs": {k: {"steady": {"tokens_per_s": v}} for k, v in steady.items()}}  # fmt: skip
+    line = report.train_throughput(d)
+    assert "qwen lora ts-best (torch_compile=True) vs ts-best-eager: 300 vs 200 tok/s, 1.50×" in line
+
+
+def test_a_multi_gpu_run_that_timed_out_says_so():
+    d = {"comparisons": [{"engine": "zero3", "method": "lora", "run": "z", "ok": False, "reason": "a run failed"}],
+         "runs": [{"name": "z", "exit_code": 124, "wall_s": 114.4}]}  # fmt: skip
+    assert report.multi_gpu(d) == "lora, 2 GPUs vs 1 tokens/s: zero3: timed out after 114.4 s"
+
+
 def test_missing_markers_are_reported():
     import pytest
 

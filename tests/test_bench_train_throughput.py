@@ -107,6 +107,17 @@ def test_parse_sets() -> None:
             tb.parse_sets([bad])
 
 
+def test_extra_sides_are_a_named_side_plus_their_own_flags() -> None:
+    extra = tb.parse_extra_sides(["ts-best-eager=ts-best"])
+    assert extra == {"ts-best-eager": "ts-best"} and tb.base_side("ts-best-eager", extra) == "ts-best"
+    assert tb.parse_sets(["ts-best-eager:torch_compile=false"], extra) == {
+        "ts-best-eager": {"torch_compile": False}
+    }
+    for bad in ("ts-x=lf-best", "ts-best=ts-default", "ts-x=nobody", "ts-x"):
+        with pytest.raises(ValueError, match="NAME=BASE"):
+            tb.parse_extra_sides([bad])
+
+
 def _records(n: int, tokens: int = 100, seconds: float = 0.5) -> list[dict]:
     return [
         {"step": s, "tokens_seen": s * tokens, "elapsed_s": 2.0 + s * seconds, "loss": 1.0}

@@ -178,3 +178,22 @@ def test_resize_vocab_without_new_rows_still_trains_embeddings(tiny_model_dir):
     assert not loaded.embeddings_resized
     assert loaded.model.get_input_embeddings().weight.shape[0] == 2048
     assert loaded.train_embedding_modules == ("embed_tokens", "lm_head")
+
+
+def test_zero3_placeholders_count_their_full_size(tiny_model_dir):
+    """Under DeepSpeed ZeRO-3 a parameter's local tensor is empty and its size lives in ds_shape/ds_numel:
+    the loader must not see 0 embedding rows (a needless resize that trained the embeddings of a LoRA
+    run on 2 GPUs), and parameter counts must not be 0."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.model.loader import embedding_rows
+    from tunesmith.model.tuning import count_params
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = model.get_input_embeddings().weight.shape[0]
+    before = count_params(model)
+    for param in model.parameters():  # what deepspeed.zero.Init leaves on every rank
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        param.data = torch.empty(0, dtype=param.dtype)
+    assert embedding_rows(model) == rows
+    assert count_params(model) == before

@@ -104,6 +104,15 @@ def resolve_dtype(dtype: str | torch.dtype, *, cuda: bool) -> torch.dtype:
     return chosen
 
 
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding, also under DeepSpeed ZeRO-3, whose local weight is an empty placeholder
+    (its full shape is in `ds_shape`): reading `weight.shape` there gave 0 rows, a needless resize, and
+    trained embeddings in a LoRA run."""
+    weight = model.get_input_embeddings().weight
+    shape = getattr(weight, "ds_shape", None)
+    return int(shape[0] if shape is not None else weight.shape[0])
+
+
 def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
     """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision), else sdpa."""
     from transformers.utils import is_flash_attn_2_available
@@ -192,14 +201,12 @@ def load_model(
             "config.json and weights, or a hub id already in the local cache"
         ) from e
 
-    resized = tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    old_rows = embedding_rows(model)
+    resized = tokenizer is not None and len(tokenizer) > old_rows
     if resized:
-        old_rows = model.get_input_embeddings().weight.shape[0]
         # exactly len(tokenizer): peft's AutoPeftModel resizes the base to that size before loading saved embeddings
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        logger.info(
-            "resized embeddings from %d to %d rows", old_rows, model.get_input_embeddings().weight.shape[0]
-        )
+        logger.info("resized embeddings from %d to %d rows", old_rows, embedding_rows(model))
     train_embeddings = embedding_module_names(model) if (resized or resize_vocab) else ()
 
     checkpointing = cuda if gradient_checkpointing is None else gradient_checkpointing

@@ -236,10 +236,12 @@ def _result(
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; a 4-bit bitsandbytes tensor stores two values per element."""
+    """(trainable, all) parameter counts; a 4-bit bitsandbytes tensor stores two values per element, and a
+    DeepSpeed ZeRO-3 parameter's full size is its `ds_numel` (the local tensor is an empty placeholder)."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        n = getattr(param, "ds_numel", None) or param.numel()
+        n *= 2 if param.__class__.__name__ == "Params4bit" else 1
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

@@ -185,6 +185,7 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         train_embedding_modules=loaded.train_embedding_modules,
     )
     _set_trainable_dtype(tuned.model, cfg)
+    log.info("parameters: %s", _dtype_summary(tuned.model))
     log.info(
         "model: %s | dtype %s | attention %s | gradient checkpointing %s",
         require_model(cfg),
@@ -195,6 +196,15 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
     return tuned
 
 
+def _dtype_summary(model: Any) -> str:
+    """e.g. "trained fp32 4.4M | frozen bf16 494.0M": what is trained, in which dtype."""
+    counts: dict[tuple[str, str], int] = {}
+    for param in model.parameters():
+        key = ("trained" if param.requires_grad else "frozen", str(param.dtype).removeprefix("torch."))
+        counts[key] = counts.get(key, 0) + int(getattr(param, "ds_numel", 0) or param.numel())
+    return " | ".join(f"{kind} {dtype} {n / 1e6:.1f}M" for (kind, dtype), n in sorted(counts.items(), reverse=True))
+
+
 def _set_trainable_dtype(model: Any, cfg: Config) -> None:
     """Trained weights in fp32 with 16-bit compute (autocast), as LLaMA-Factory does.
 
@@ -202,13 +212,26 @@ def _set_trainable_dtype(model: Any, cfg: Config) -> None:
     fine-tuning loses most updates: on 2x H200, 50 steps of Qwen2.5-0.5B at lr 1e-5 ended at loss 11.18
     in pure bf16 against 10.18 with fp32 master weights (bench/results/multi_gpu-*-full-*). `pure_bf16`
     opts out. DeepSpeed and FSDP keep fp32 master weights themselves, so full tuning leaves the model's
-    dtype to them; ZeRO-3 packs trainable weights per dtype and needs one, so adapters go fp32 there.
+    dtype to them. DeepSpeed ZeRO-3 runs without autocast and wants one dtype for its packed partitions:
+    there the adapters take the frozen weights' 16-bit dtype, DeepSpeed's own mixed precision (its
+    optimizer keeps the fp32 master copies). A LoRA run on 2x H200 trains that way
+    (bench/results/multi_gpu-*-lora-zero3-*); fp32 trained weights fed fp32 activations into ZeRO-3's
+    bf16 linear there.
     """
     import torch
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     hf = cfg.training.hf
     sharded = bool(hf.get("deepspeed") or hf.get("fsdp"))
     if cfg.finetuning.pure_bf16 or (sharded and cfg.finetuning.finetuning_type == "full"):
+        return
+    if hf.get("deepspeed") and is_deepspeed_zero3_enabled():
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        half = [d for d in (torch.bfloat16, torch.float16) if d in frozen]
+        if half:
+            for param in model.parameters():
+                if param.requires_grad and param.is_floating_point():
+                    param.data = param.data.to(half[0])
         return
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
