@@ -46,6 +46,7 @@ class TunesmithTrainer(Trainer):
         self.fused_loss = fused_loss
         self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
+        self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -63,11 +64,29 @@ class TunesmithTrainer(Trainer):
         for a 24-layer LoRA model on a 2-core host), a cost a host-bound GPU step pays in full.
         """
         model = self.model
-        if not hasattr(model, "floating_point_ops") or not hasattr(model, "num_parameters"):
-            return super().floating_point_ops(inputs)
+        main_input = getattr(model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(model, "num_parameters"):
+            return 0
         if self._non_embedding_params is None:
             self._non_embedding_params = model.num_parameters(exclude_embeddings=True)
-        return 6 * model.estimate_tokens(inputs) * self._non_embedding_params
+        return 6 * inputs[main_input].numel() * self._non_embedding_params
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """HF's clipping over the trained parameters only, listed once.
+
+        HF hands accelerate `model.parameters()`, a walk over every module and parameter of the model
+        (the frozen base of a LoRA run included) each optimizer step; frozen weights have no gradient and
+        add nothing to the norm. FSDP, DeepSpeed and tensor-parallel (DTensor) models keep HF's path,
+        which matches parameters to their sharded model or mesh.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        if self._trained_params is None:
+            trained = [p for p in model.parameters() if p.requires_grad]
+            if any(type(p.data).__name__ == "DTensor" for p in trained):
+                return super()._clip_grad_norm(model)
+            self._trained_params = trained
+        return self.accelerator.clip_grad_norm_(self._trained_params, self.args.max_grad_norm)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
