@@ -70,20 +70,20 @@ def _lengths_table(stats: SplitStats) -> list[str]:
 
 
 def _eos_missing(prepared: Prepared, stops: list[int]) -> tuple[int, int]:
-    """Rows whose last supervised token is not a stop token, of the rows scanned."""
+    """Rows whose last supervised label (the last token learned) is not a stop token, of the rows scanned.
+
+    ``stops`` holds a template's train_eos too, which ends every training sample of the GLM family.
+    """
     table = prepared.train.table
     pairwise = "chosen_labels" in table.column_names  # rm/dpo: check the chosen responses
-    ids_col, lab_col = ("chosen_input_ids", "chosen_labels") if pairwise else ("input_ids", "labels")
+    lab_col = "chosen_labels" if pairwise else "labels"
     if lab_col not in table.column_names:
         return 0, 0
     n = min(len(prepared.train), _EOS_SCAN_ROWS)
-    ids = table.column(ids_col).slice(0, n).to_pylist()
     labels = table.column(lab_col).slice(0, n).to_pylist()
     missing = 0
-    for row_ids, row_labels in zip(ids, labels):
-        last = next(
-            (t for t, lab in zip(reversed(row_ids), reversed(row_labels)) if lab != IGNORE_INDEX), None
-        )
+    for row_labels in labels:
+        last = next((lab for lab in reversed(row_labels) if lab != IGNORE_INDEX), None)
         if last is not None and last not in stops:
             missing += 1
     return missing, n

@@ -11,6 +11,9 @@ Which tokens are labelled comes from the rendered spans (structure), never from 
 - every other span (prompt, role headers, history bodies under mask_history) is labelled only under
   ``train_on_prompt``.
 
+A template with ``train_eos`` (GLM) ends every training sequence (sft, pairwise, kto) with it, as part of
+the final response: supervised, once per sample, and kept when truncation cuts the response.
+
 A message's ``weight`` becomes the per-token loss weight of its labelled tokens (1.0 for prompt tokens).
 """
 
@@ -29,7 +32,7 @@ from tunesmith.data.encode import encode_batch
 from tunesmith.data.fast_bpe import FastBPE
 from tunesmith.data.packing import IGNORE_INDEX
 from tunesmith.data.preprocess_fit import Codec, Fitted, Truncation, Unit, fit, gather
-from tunesmith.data.templates import AutoTemplate, Template, render
+from tunesmith.data.templates import AutoTemplate, Template, render, with_train_eos
 from tunesmith.data.types import Encoded, Message, Rendered, Row
 from tunesmith.errors import DataError
 
@@ -51,7 +54,7 @@ class RowStats:
     response_tokens: int  # the response's tokens incl. its role header; pairs: the longer response
     total_tokens: int  # the full sequence; pairs: the longer one
     truncated: bool = False
-    response_truncated: bool = False  # the response's tail was cut: its end-of-turn/EOS is lost
+    response_truncated: bool = False  # the response's tail was cut: its end-of-turn is lost (train_eos stays)
     dropped: str | None = None  # "too_long" (truncation="drop") or "no_supervised_tokens"
     supervised_tokens: int = 0  # after truncation: labelled positions that get a loss (not index 0)
 
@@ -75,13 +78,14 @@ def _render(
     tools: str,
     add_generation_prompt: bool,
 ) -> Rendered:
-    return render(
+    rendered = render(
         template,
         messages,
         tools=tools,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
     )
+    return rendered if add_generation_prompt else with_train_eos(template, rendered, messages)
 
 
 def codec_for(
@@ -98,6 +102,7 @@ def codec_for(
         render=partial(_render, template, enable_thinking),
         encode=partial(encode_batch, tokenizer, fast=fast),
         tokenizer=tokenizer,
+        train_eos=template.train_eos if isinstance(template, Template) else "",
     )
 
 

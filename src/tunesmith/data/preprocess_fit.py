@@ -17,6 +17,8 @@ then fitted in this order (each step only when the previous one was not enough):
 4. Whatever still does not fit is sliced from the token arrays: the head (BOS and leading system
    turns, at most half of the prompt budget) is kept, then the prompt's last tokens, then the response's
    first tokens. Cutting the response loses its end-of-turn/EOS; ``response_truncated`` records it.
+   A template's ``train_eos`` (GLM) is the exception: it stays the sequence's last token(s), so a cut
+   answer still ends with the stop token (LLaMA-Factory reserves room for its efficient_eos the same way).
 
 Token-level slicing alone would be one tokenizer call cheaper, but it can cut a role header in half
 and depends on how a template joins turns; re-rendering is exact for every template.
@@ -45,6 +47,7 @@ class Codec:
     render: RenderFn
     encode: EncodeFn
     tokenizer: Any  # a transformers fast tokenizer: offsets for content cuts, decode of sliced prompts
+    train_eos: str = ""  # the text `render` ends every training sequence with (its last span): never cut
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,8 @@ def fit(units: Sequence[Unit], codec: Codec, cutoff_len: int, truncation: Trunca
                 True,
             )
     for i in long:
-        _slice(fitted[i], len(states[i].prompt), states[i].floor, cutoff_len)
+        tail = codec.train_eos if units[i].responses else ""
+        _slice(fitted[i], len(states[i].prompt), states[i].floor, cutoff_len, tail)
     return fitted
 
 
@@ -248,20 +252,45 @@ def _plan_round(fitted: list[Fitted], states: dict[int, _State], codec: Codec, c
     return sorted(todo)
 
 
-def _slice(f: Fitted, n_prompt: int, floor: int, cutoff: int) -> None:
-    """Final exact fit: keep the head, the prompt's tail and the response's start of every sequence."""
+def _tail_tokens(enc: Encoded, rendered: Rendered, tail: str) -> int:
+    """Tokens of the last span when it is the ``tail`` text (a template's train_eos), else 0."""
+    if not tail or not enc.spans or rendered.text[enc.spans[-1].start : enc.spans[-1].end] != tail:
+        return 0
+    return len(enc.token_span) - bisect_left(enc.token_span, len(enc.spans) - 1)
+
+
+def _slice(f: Fitted, n_prompt: int, floor: int, cutoff: int, tail: str = "") -> None:
+    """Final exact fit: keep the head, the prompt's tail and the response's start (+ its ``tail`` text,
+    a template's train_eos, which stays last) of every sequence."""
     ps, r_keep, budget = _budgets(f, n_prompt, floor, cutoff)
     keep = []
     for g, enc in enumerate(f.encoded):
-        p, n = ps[g], len(enc.input_ids)
+        p, n, r = ps[g], len(enc.input_ids), r_keep[g]
         p_keep = min(p, budget)
         if p_keep < p:
             h = min(_head_length(enc, f.conversations[g]), p, p_keep // 2)
-            ranges = [(0, h), (p - (p_keep - h), p + r_keep[g])]
+            ranges = [(0, h), (p - (p_keep - h), p)]
             f.truncated = True
         else:
-            ranges = [(0, p + r_keep[g])]
-        if p + r_keep[g] < n:
+            ranges = [(0, p)]
+        if p + r < n:
             f.truncated = f.response_truncated = True
-        keep.append([(a, b) for a, b in ranges if b > a])
+            t = min(r, _tail_tokens(enc, f.rendered[g], tail))
+            ranges += [(p, p + r - t), (n - t, n)]
+        else:
+            ranges.append((p, p + r))
+        keep.append(_merged(ranges))
     f.keep = keep
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Non-empty ranges, adjacent ones joined (a whole sequence stays one range: see gather)."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.data.templates import AutoTemplate, Template
 
-def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
-    """Ids of the template's stop words (each must be a single token) and the tokenizer's EOS, deduplicated."""
+
+def stop_token_ids(tokenizer: Any, template: Template | AutoTemplate) -> list[int]:
+    """Ids of the template's stop words, its ``train_eos`` (the stop token training samples end with) and
+    the tokenizer's EOS, deduplicated; each must be a single token."""
     ids: list[int] = []
     words = [
-        *getattr(template, "stop_words", ()),
-        getattr(template, "eos", "") or "",
+        *template.stop_words,
+        template.eos or "",
+        template.train_eos if isinstance(template, Template) else "",
         tokenizer.eos_token or "",
     ]
     for word in words:

@@ -8,6 +8,9 @@ jinja template) lives in templates_auto.py and has the same ``render`` contract.
     >>> r = render(t, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     >>> [r.text[s.start : s.end] for s in r.spans if s.supervise]
     ['Hello<|im_end|>']
+
+A template's ``train_eos`` (the GLM family) ends training samples only: ``with_train_eos`` appends it to
+a rendered training conversation; ``render`` (prompts, inference, exported templates) never writes it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "list_templates",
     "render",
     "resolve_template",
+    "with_train_eos",
 ]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
@@ -75,6 +79,10 @@ class Template:
     assistant: AssistantFormat
     eos: str  # the end-of-turn text an assistant turn ends with (generation stops on it)
     stop_words: tuple[str, ...] = ()  # every string that ends generation; eos first
+    # Appended, supervised, after the final assistant turn of a training sample only (LLaMA-Factory's
+    # efficient_eos): for models whose turns end with the NEXT turn's role token, so that the final
+    # answer still ends with a learned stop token. Usually "{eos_token}"; generation also stops on it.
+    train_eos: str = ""
     default_system: str = ""
     system: str = ""
     system_placement: Literal["own_turn", "first_user", "last_user", "unsupported"] = "own_turn"
@@ -104,8 +112,11 @@ class Template:
 
     @functools.cached_property
     def unbound_placeholders(self) -> tuple[str, ...]:
-        """The tokenizer placeholders this template still holds (bind() fills them)."""
-        text = _all_text(self)
+        """The tokenizer placeholders that rendering still needs filled (bind() fills them).
+
+        ``train_eos`` is left out: ``render`` never writes it (``with_train_eos`` checks it itself).
+        """
+        text = _all_text(self, skip=("train_eos",))
         return tuple(p for p in TOKEN_PLACEHOLDERS if p in text)
 
     def bind(self, bos_token: str | None, eos_token: str | None) -> Template:
@@ -136,6 +147,31 @@ def render(
     return template.render(
         messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
     )
+
+
+def with_train_eos(
+    template: Template | AutoTemplate, rendered: Rendered, messages: Sequence[Message]
+) -> Rendered:
+    """A rendered training conversation with the template's ``train_eos`` appended at its very end.
+
+    The text is part of the final assistant message (supervised unless that message has ``train: false``),
+    so masking, loss weights and truncation treat it as the end of the response. Once per sample, like
+    LLaMA-Factory's ``efficient_eos``: earlier answers end with the next turn's role token, as at inference.
+    Conversations that do not end with an assistant turn (prompts) and templates without it are unchanged.
+    """
+    if not isinstance(template, Template) or not template.train_eos:
+        return rendered
+    if not messages or messages[-1]["role"] != "assistant":
+        return rendered
+    missing = [p for p in TOKEN_PLACEHOLDERS if p in template.train_eos]
+    if missing:
+        raise TunesmithError(
+            f"template {template.name!r}: train_eos {template.train_eos!r} uses {', '.join(missing)}, which "
+            "come from the tokenizer: get the template with resolve_template(name, tokenizer) (or Template.bind)"
+        )
+    start, last = len(rendered.text), len(messages) - 1
+    span = Span(start, start + len(template.train_eos), last, messages[last].get("train", True) is not False)
+    return Rendered(rendered.text + template.train_eos, (*rendered.spans, span))
 
 
 def list_templates() -> list[str]:
@@ -184,9 +220,9 @@ def _key(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def _all_text(t: Template) -> str:
+def _all_text(t: Template, skip: tuple[str, ...] = ()) -> str:
     parts: list[str] = []
-    _map_strings(t, lambda s: parts.append(s) or s)
+    _map_strings(dataclasses.replace(t, **{name: "" for name in skip}), lambda s: parts.append(s) or s)
     return "\0".join(parts)
 
 
