@@ -19,6 +19,8 @@ included) before the fused loss is trusted; otherwise the caller keeps the plain
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -330,6 +332,12 @@ class FusedHead:
         return rows, hidden, shifted.index_select(0, rows), outputs
 
 
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Compiled layers (torch_compile) run eagerly inside: a one-off probe must not compile a graph."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None) -> FusedHead | str:
     """The fused head of an (unwrapped) causal LM, or the reason it cannot be used.
 
@@ -355,7 +363,7 @@ def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | No
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), head_input(head, skip_logits=False) as seen:
+        with torch.no_grad(), _eager(), head_input(head, skip_logits=False) as seen:
             reference = model(**probe).logits.float()
             if len(seen) != 1:
                 return f"the output head runs {len(seen)} times in one forward"
