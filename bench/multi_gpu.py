@@ -61,6 +61,16 @@ def smoke_data(path: Path, rows: int = 32) -> Path:
     return path
 
 
+def _key_value(item: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    key, eq, raw = item.partition("=")
+    if not eq or not key:
+        parser.error(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def run_config(
     a: argparse.Namespace, model: Path, data: Path, out: Path, method: str, engine: str, accumulation: int
 ) -> dict:
@@ -71,7 +81,7 @@ def run_config(
         "max_steps": a.steps, "logging_steps": 1, "save_strategy": "no", "plot_loss": False,
         "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "seed": 0, "report_to": "none",
         "data_cache_dir": str(a.work / "cache"), "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
-        **METHODS[method], **ENGINES[engine],
+        **METHODS[method], **ENGINES[engine], **a.sets,
     }  # fmt: skip
     if not a.cpu_smoke:
         cfg["bf16"] = True
@@ -141,7 +151,7 @@ def run_one(a: argparse.Namespace, model: Path, data: Path, method: str, engine:
                     "launch_lines": [ln for ln in output.splitlines()
                                      if "launching torchrun" in ln or "distributed run" in ln][:2]}  # fmt: skip
     if rc != 0:
-        result["output_head"] = "\n".join(l for l in output.splitlines() if "[tunesmith" in l)[:4000]
+        result["output_head"] = "\n".join(ln for ln in output.splitlines() if "[tunesmith" in ln)[:4000]
         result["output_tail"] = output[-6000:]
         return result
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line]
@@ -201,9 +211,14 @@ def main() -> int:
         "--cpu-smoke", action="store_true", help="tiny model, gloo, 2 processes, 3 steps, DDP only"
     )
     p.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds per run")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="a tunesmith key for every run (value read as JSON when it parses), e.g. packing=true",
+    )  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-multi-gpu"))
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    a.sets = dict(_key_value(item, p) for item in a.sets)
     if a.cpu_smoke:
         a.steps, a.engines, a.batch, a.cutoff_len = 3, ["ddp"], 2, 128
     elif not (a.tokenizer and a.data):
@@ -224,7 +239,7 @@ def main() -> int:
         "device": device(), "versions": versions() | {"deepspeed": _version("deepspeed")},
         "model": "tiny Qwen2 (tunesmith.tiny_model)" if a.cpu_smoke
         else "Qwen2.5-0.5B architecture, random init, bf16",
-        "data": data.name, "steps": a.steps, "micro_batch": a.batch, "cutoff_len": a.cutoff_len,
+        "data": data.name, "steps": a.steps, "micro_batch": a.batch, "cutoff_len": a.cutoff_len, "sets": a.sets,
         "note": "1-GPU baselines use micro-batch B x 2 accumulation steps, 2-GPU runs B x 1 per GPU: the same "
                 "rows per optimizer step. tokens/s counts trained (supervised) tokens of all ranks, between "
                 "the first logged step >= 10 (>= 1 in cpu-smoke) and the last. peak_mem_gib is rank 0's.",

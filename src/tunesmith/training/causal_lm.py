@@ -202,7 +202,9 @@ def _dtype_summary(model: Any) -> str:
     for param in model.parameters():
         key = ("trained" if param.requires_grad else "frozen", str(param.dtype).removeprefix("torch."))
         counts[key] = counts.get(key, 0) + int(getattr(param, "ds_numel", 0) or param.numel())
-    return " | ".join(f"{kind} {dtype} {n / 1e6:.1f}M" for (kind, dtype), n in sorted(counts.items(), reverse=True))
+    return " | ".join(
+        f"{kind} {dtype} {n / 1e6:.1f}M" for (kind, dtype), n in sorted(counts.items(), reverse=True)
+    )
 
 
 def _set_trainable_dtype(model: Any, cfg: Config) -> None:

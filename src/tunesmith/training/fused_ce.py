@@ -20,7 +20,6 @@ included) before the fused loss is trusted; otherwise the caller keeps the plain
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
