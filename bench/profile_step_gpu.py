@@ -36,6 +36,9 @@ VARIANTS = {
     "packing": {"packing": True},
     "packing_no_ckpt": {"packing": True, "disable_gradient_checkpointing": True},
     "pure_bf16": {"pure_bf16": True},
+    # the train_throughput "best" shape (with --cutoff-len 2048): is the compiled step still host-bound?
+    "neat_packing": {"packing": True, "neat_packing": True},
+    "neat_packing_compile": {"packing": True, "neat_packing": True, "torch_compile": True},
 }
 
 
@@ -59,7 +62,7 @@ def steady(log: Path, warm: int = 10) -> dict:
 def run_variant(name: str, extra: dict, a: argparse.Namespace, model: Path) -> dict:
     out = a.work / f"out-{name}"
     cfg = {**BASE, **extra, "model_name_or_path": str(model), "dataset": str(a.data), "output_dir": str(out),
-           "max_steps": a.steps, "data_cache_dir": str(a.work / "cache")}  # fmt: skip
+           "max_steps": a.steps, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
     args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.time()
@@ -86,7 +89,7 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
 
     out = a.work / "out-profile"
     cfg = {**BASE, **extra, "model_name_or_path": str(model), "dataset": str(a.data), "output_dir": str(out),
-           "max_steps": 16, "data_cache_dir": str(a.work / "cache")}  # fmt: skip
+           "max_steps": 16, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=8, warmup=2, active=3),
@@ -130,14 +133,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--cutoff-len", type=int, default=BASE["cutoff_len"])
+    p.add_argument("--batch", type=int, default=BASE["per_device_train_batch_size"])
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-profile-step"))
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
+    a.shape = {"cutoff_len": a.cutoff_len, "per_device_train_batch_size": a.batch}
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     model = build_model(a.work / "model", a.tokenizer)
     results: dict = {"bench": "profile_step_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "device": device(), "versions": versions(), "base": BASE, "variants": []}  # fmt: skip
+                     "device": device(), "versions": versions(), "base": BASE | a.shape, "variants": []}  # fmt: skip
     for name in a.variants:
         results["variants"].append(run_variant(name, VARIANTS[name], a, model))
         a.out.write_text(json.dumps(results, indent=1))
