@@ -135,8 +135,26 @@ def train_throughput(d: dict) -> str | None:
     return "; ".join(cells)
 
 
+def qlora_memory(d: dict) -> str | None:
+    if d.get("mode") == "cpu-smoke":
+        return None
+    g = d.get("goals") or {}
+    peak = (g.get("qlora_2048_peak_le_7gib") or {}).get("value_gib")
+    longest = (g.get("longest_trainable_context") or {}).get("value")
+    if peak is None and longest is None:
+        return None
+    cells = []
+    if peak is not None:
+        verdict = "pass" if g["qlora_2048_peak_le_7gib"]["pass"] else "FAIL"
+        cells.append(f"QLoRA Llama-3.1-8B arch, seq 2048, batch 1: peak {peak} GiB (≤ 7: {verdict})")
+    if longest is not None:
+        cells.append(f"longest trainable context {longest:,} tokens")
+    return "; ".join(cells)
+
+
 HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "train_throughput": train_throughput,
+    "qlora_memory": qlora_memory,
     "data_throughput": data_throughput,
     "predict_throughput": predict_throughput,
     "multi_gpu": multi_gpu,

@@ -66,6 +66,16 @@ def test_a_multi_gpu_run_that_timed_out_says_so():
     assert report.multi_gpu(d) == "lora, 2 GPUs vs 1 tokens/s: zero3: timed out after 114.4 s"
 
 
+def test_qlora_memory_headline_states_the_goal():
+    d = {"mode": "gpu", "goals": {"qlora_2048_peak_le_7gib": {"value_gib": 6.2, "pass": True},
+                                  "longest_trainable_context": {"value": 40960}}}  # fmt: skip
+    assert report.qlora_memory(d) == (
+        "QLoRA Llama-3.1-8B arch, seq 2048, batch 1: peak 6.2 GiB (≤ 7: pass); longest trainable context "
+        "40,960 tokens"
+    )
+    assert report.qlora_memory(d | {"mode": "cpu-smoke"}) is None
+
+
 def test_missing_markers_are_reported():
     import pytest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import replace
 
@@ -323,3 +324,27 @@ def test_trainable_summary_format(model):
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(p.numel() for p in model.parameters())
     assert float(match.group(3)) == round(100 * trainable / total, 1)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (CPU backend)"
+)
+def test_qlora_keeps_the_frozen_16bit_weights_in_their_dtype(tiny_model_dir):
+    """Only the adapters train; embeddings, head and norms stay bf16 (peft's kbit preparation would make
+    them fp32: 2 GiB more for an 8B Llama); the 4-bit layers stay 4-bit."""
+    from tunesmith.model.loader import bnb_config
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir,
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},
+        quantization_config=bnb_config(4, torch.bfloat16),
+    )
+    model = apply_tuning(base, TuningOptions(lora_rank=4), quantized=True).model
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert frozen["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    assert frozen["base_model.model.lm_head.weight"] == torch.bfloat16
+    assert frozen["base_model.model.model.norm.weight"] == torch.bfloat16
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"

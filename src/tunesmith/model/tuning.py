@@ -129,7 +129,7 @@ def _apply_lora(
     model: nn.Module, options: TuningOptions, quantized: bool, embeddings: tuple[str, ...]
 ) -> TuningResult:
     """Wrap `model` with a new or resumed LoRA adapter; see `TuningOptions` for the keys."""
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     if options.lora_rank <= 0:
         raise TunesmithError(f"lora_rank: got {options.lora_rank}; allowed: a positive int. Fix: use 8")
@@ -141,8 +141,13 @@ def _apply_lora(
                 "adapter_name_or_path: a quantized model can only continue one adapter (merging needs full "
                 "weights). Fix: merge the adapters into the base model first (tunesmith export)"
             )
-        # Freezes the base and casts its non-quantized params to fp32; checkpointing stays as loaded.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # The base is frozen and kept in the dtype it was loaded in. peft's prepare_model_for_kbit_training
+        # would also cast every weight that is not quantized to fp32: for Llama-3.1-8B the embeddings and
+        # the output head alone grow from 2 to 4 GiB, past a 7 GiB QLoRA budget. The fused loss computes
+        # the logits in fp32 chunks and RMSNorm normalises in fp32 anyway (LLaMA-Factory does not upcast
+        # either, unless asked).
+        for param in model.parameters():
+            param.requires_grad_(False)
 
     adapters = list(options.adapter_name_or_path)
     resume = None if options.create_new_adapter or not adapters else adapters.pop()
