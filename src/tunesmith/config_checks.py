@@ -259,6 +259,13 @@ def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[
             "use deepspeed: zero2 (or no engine, DDP) with quantization_bit, or remove quantization_bit "
             "to train LoRA under FSDP",
         )
+    if hf.get("torch_compile") and (fsdp is not None or (zero is not None and zero.stage == 3)):
+        add(
+            "torch_compile",
+            f"torch_compile cannot be used with {zero.label if zero is not None else 'FSDP'}: it gathers each "
+            "layer's sharded weights in hooks around the layer, which tunesmith does not compile through",
+            "set torch_compile: false, or train with DDP (no engine) or deepspeed: zero2",
+        )
     if lora and v["pissa_init"] and zero is not None and zero.stage == 3:
         add(
             "pissa_init",

@@ -41,9 +41,11 @@ def test_a_model_without_a_layer_stack_is_refused():
         compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_torch_compile_is_refused_with_fsdp(tiny_model_dir, sft_data, tmp_path):
-    with pytest.raises((ConfigError, TunesmithError), match="torch_compile"):
-        train(tiny_model_dir, sft_data, tmp_path / "o", torch_compile=True, fsdp="full_shard auto_wrap")
+@pytest.mark.parametrize("engine", [{"fsdp": "full_shard auto_wrap"}, {"deepspeed": "zero3"}])
+def test_torch_compile_is_refused_with_sharded_engines_when_the_config_loads(engine):
+    keys = [f"{k}={v}" for k, v in engine.items()]
+    with pytest.raises(ConfigError, match="torch_compile.*set torch_compile: false"):
+        load_config(None, ["torch_compile=true", *keys])
 
 
 class _Messages(logging.Handler):
