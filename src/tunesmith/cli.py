@@ -187,7 +187,8 @@ def cmd_templates(argv: list[str]) -> int:
 
     for name in list_templates():
         t = get_template(name)
-        print(f"{name:<20} stop={list(t.stop_words)}")
+        extra = f" train_eos={t.train_eos!r}" if t.train_eos else ""
+        print(f"{name:<20} stop={list(t.stop_words)}{extra}")
     return 0
 
 

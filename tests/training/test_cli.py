@@ -95,3 +95,10 @@ def test_watchdog_stops_a_diverging_run(tiny_model_dir, sft_data, tmp_path, capf
     assert "Traceback" not in err
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert list(out.glob("watchdog_batch_step*.pt"))  # the batch of the bad step, to reproduce it
+
+
+def test_templates_lists_stop_words_and_the_trained_stop_token(capsys):
+    assert main(["templates"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "stop=['<|im_end|>'" in lines["qwen"] and "train_eos" not in lines["qwen"]
+    assert "train_eos='{eos_token}'" in lines["glm4"]
