@@ -204,7 +204,7 @@ def test_modelfile_round_trips_through_ollamas_parser(
         bound = templates[name]
         want = [("from", "."), ("template", ollama_template(bound))]
         want += [("system", bound.default_system)] if bound.default_system else []
-        want += [("stop", w) for w in bound.stop_words]
+        want += [("stop", w) for w in dict.fromkeys((*bound.stop_words, bound.train_eos)) if w]
         assert commands == want, name
         assert text.startswith("# Ollama Modelfile for tunesmith chat template")
 
@@ -218,6 +218,13 @@ def test_modelfile_system_and_stops(tiny_tokenizer: Any) -> None:
     assert "system" not in dict(
         gotmpl.parse_modelfile(modelfile_text(get_template("qwen"), tiny_tokenizer, system=""))
     )
+    # glm4 trains the tokenizer's EOS after every answer (train_eos): it stops the Modelfile too
+    glm = [
+        v
+        for k, v in gotmpl.parse_modelfile(modelfile_text(get_template("glm4"), tiny_tokenizer))
+        if k == "stop"
+    ]
+    assert glm == ["<|user|>", "<|observation|>", "<|endoftext|>", tiny_tokenizer.eos_token]
     with pytest.raises(TunesmithError, match='holds """'):
         modelfile_text(get_template("chatml"), tiny_tokenizer, system='say """')
     with pytest.raises(TunesmithError, match="has no system prompt"):

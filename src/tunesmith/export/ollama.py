@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunesmith.data.templates import AutoTemplate, Template
+from tunesmith.data.templates import TOKEN_PLACEHOLDERS, AutoTemplate, Template
 from tunesmith.errors import TunesmithError
 
 __all__ = ["NoOllamaTranslation", "modelfile_text", "ollama_template"]
@@ -43,7 +43,8 @@ def modelfile_text(template: Template | AutoTemplate, tokenizer: Any, *, system:
             "TEMPLATE is a Go template built from a named template's fields. Set `template:` to the named "
             "template that matches the model (e.g. qwen, llama3, gemma3) to get a Modelfile"
         )
-    t = template.bind(tokenizer.bos_token, tokenizer.eos_token) if template.unbound_placeholders else template
+    needs_bind = template.unbound_placeholders or any(p in template.train_eos for p in TOKEN_PLACEHOLDERS)
+    t = template.bind(tokenizer.bos_token, tokenizer.eos_token) if needs_bind else template
     auto_bos = _added_bos(tokenizer)
     prompt = t.default_system if system is None else system
     if prompt and t.system_placement == "unsupported":
@@ -58,7 +59,10 @@ def modelfile_text(template: Template | AutoTemplate, tokenizer: Any, *, system:
     lines += ["FROM .", f"TEMPLATE {_triple(ollama_template(t, auto_bos=auto_bos), 'TEMPLATE')}"]
     if prompt:
         lines.append(f"SYSTEM {_triple(prompt, 'SYSTEM')}")
-    lines += [f"PARAMETER stop {_stop(word)}" for word in t.stop_words if word]
+    # train_eos is the token a fine-tuned GLM ends its answers with (usually the EOS, which Ollama stops on
+    # anyway; a user template may train another)
+    stops = [w for w in (*t.stop_words, t.train_eos) if w]
+    lines += [f"PARAMETER stop {_stop(word)}" for word in dict.fromkeys(stops)]
     return "\n".join(lines) + "\n"
 
 
