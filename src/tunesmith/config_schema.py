@@ -26,7 +26,10 @@ class ModelArgs:
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model repository.")
     cache_dir: str | None = opt(None, "Where downloaded models are cached (default: the HF cache).")
     model_revision: str = opt("main", "Model revision: branch, tag or commit id.")
-    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = opt("auto", "Attention implementation.")
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "flex"] = opt(
+        "auto",
+        "Attention implementation (flex: PyTorch flex attention, skips cross-document blocks of packed rows).",
+    )
     quantization_bit: int | None = opt(None, "Load the model quantized to 4 or 8 bits (QLoRA).")
     quantization_method: Literal["bnb"] = opt("bnb", "Quantization backend for quantization_bit.")
     quantization_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (bitsandbytes).")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import tunesmith
 from tests.training.helpers import train
+from tunesmith.errors import TunesmithError
 from tunesmith.infer.engine import load_engine
 from tunesmith.infer.settings import SamplingSettings
 from tunesmith.model.attention import sdpa_kernels
@@ -49,3 +51,25 @@ def test_training_and_generation_never_call_attention_with_cudnn_allowed(
     assert trained > 0 and len(seen) > trained
     assert not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_flex_attention_sees_packed_documents_apart(tiny_model_dir):
+    """flash_attn: flex gets transformers' per-document block mask from packed position ids: the logits of
+    a packed row equal those of each document run alone (sdpa's dense block-diagonal mask gives the same)."""
+    from tunesmith.model.loader import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(10, 500, (2, 96))
+    pos = torch.cat([torch.arange(40), torch.arange(16), torch.arange(40)]).repeat(2, 1)
+    flex = load_model(str(tiny_model_dir), dtype="float32", attn="flex", gradient_checkpointing=False)
+    assert flex.attn_implementation == "flex_attention"
+    plain = load_model(str(tiny_model_dir), dtype="float32", attn="sdpa", gradient_checkpointing=False).model
+    with torch.no_grad():
+        packed = flex.model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        alone = torch.cat([plain(input_ids=ids[:, a:b]).logits for a, b in ((0, 40), (40, 56), (56, 96))], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_attention_training_on_cpu_is_refused_with_the_fix(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises(TunesmithError, match="flex trains on a CUDA GPU only.*use flash_attn: sdpa"):
+        train(tiny_model_dir, sft_data, tmp_path / "o", flash_attn="flex", packing=True)

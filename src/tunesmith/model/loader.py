@@ -21,7 +21,15 @@ logger = logging.getLogger(__name__)
 
 AttnChoice = Literal["auto", "sdpa", "eager", "fa2", "disabled"]
 # "disabled" is LLaMA-Factory's spelling of eager attention.
-_ATTN_NAMES = {"sdpa": "sdpa", "eager": "eager", "disabled": "eager", "fa2": "flash_attention_2"}
+_ATTN_NAMES = {
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "disabled": "eager",
+    "fa2": "flash_attention_2",
+    # PyTorch's flex attention: packed rows get a block mask per document, so the blocks between documents
+    # are skipped instead of computed and masked (sdpa's dense 4-D mask); compiled by transformers.
+    "flex": "flex_attention",
+}
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -128,6 +136,11 @@ def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
         raise TunesmithError(
             "flash_attn: fa2 needs a CUDA GPU, bf16/fp16 and the flash-attn package "
             f"(cuda={cuda}, dtype={dtype}). Fix: pip install flash-attn, or use flash_attn: sdpa"
+        )
+    if attn == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise TunesmithError(
+            f"flash_attn: flex needs PyTorch's flex attention (torch >= 2.5; this is {torch.__version__}). "
+            "Fix: upgrade torch, or use flash_attn: sdpa"
         )
     return _ATTN_NAMES[attn]
 

@@ -147,10 +147,17 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
 
 
 def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
+    import torch
+
     from tunesmith.model.loader import load_model
     from tunesmith.model.tuning import TuningOptions, apply_tuning
 
     m, f = cfg.model, cfg.finetuning
+    if m.flash_attn == "flex" and not torch.cuda.is_available():
+        raise TunesmithError(
+            f"flash_attn: flex trains on a CUDA GPU only: PyTorch's flex attention has no backward on CPU "
+            f"(torch {torch.__version__}). Fix: use flash_attn: sdpa (or auto) to train on CPU"
+        )
     loaded = load_model(
         require_model(cfg),
         dtype=dtype,
