@@ -285,6 +285,8 @@ from tunesmith.train_callbacks import training_callbacks
 args = TrainingArguments(output_dir=sys.argv[2], max_steps=3, per_device_train_batch_size=BATCH, logging_steps=1,
                          save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
 WatchedTrainer(model=_model(), args=args, train_dataset=_data(BATCH * 6), cbs=training_callbacks(plot_loss=False)).train()
+from tunesmith.training.distributed import end_process_group
+end_process_group()  # as `tunesmith train` does: a live gloo group can abort a worker at exit
 """
 
 

@@ -62,7 +62,7 @@ def cmd_train(argv: list[str]) -> int:
     from tunesmith.config import load_config
     from tunesmith.launcher import is_main_process, maybe_relaunch
     from tunesmith.stages import run
-    from tunesmith.training.distributed import launch_settings
+    from tunesmith.training.distributed import end_process_group, launch_settings
 
     path, overrides = _config_args(argv, "train")
     cfg = load_config(path, overrides)  # before relaunching: a bad config is reported once, not per rank
@@ -72,6 +72,7 @@ def cmd_train(argv: list[str]) -> int:
     for warning in cfg.warnings if is_main_process() else ():
         print(f"tunesmith train: warning: {warning}", file=sys.stderr)
     run(cfg)
+    end_process_group()
     return 0
 
 

@@ -299,3 +299,16 @@ def test_multi_gpu_bench_cpu_smoke_runs_end_to_end(tmp_path):
     (comparison,) = result["comparisons"]
     assert comparison["losses_match"] and comparison["loss_max_rel_diff"] <= 1e-5
     assert "world size 2" in result["runs"][1]["launch_lines"][0]
+
+
+def test_end_process_group_destroys_the_default_group_and_is_idempotent(tmp_path):
+    import torch.distributed as dist
+
+    from tunesmith.training.distributed import end_process_group
+
+    end_process_group()  # no group: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()
