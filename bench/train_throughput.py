@@ -209,6 +209,8 @@ def run_side(
         "steps_logged": len(records),
         "losses": [r["loss"] for r in records],
         "steady": tb.steady(records, a.warm),
+        # seconds from the trainer's start to the end of step 1: model warm-up, and a torch_compile's compile
+        "first_step_s": next((r["elapsed_s"] for r in records if r["step"] == 1), None),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0 for r in records), default=None),
     }
     if rc != 0:

@@ -198,6 +198,7 @@ def test_cpu_smoke_runs_all_four_sides(tmp_path: Path) -> None:
     for run in res["runs"].values():
         assert run["exit_code"] == 0 and run["steps_logged"] == 4 and run["steady"]["tokens_per_s"] > 0
         assert all(0 < loss < 20 for loss in run["losses"])
+        assert 0 < run["first_step_s"] <= run["wall_s"]
     default = next(g for g in res["loss_guards"] if g["pair"] == "default")
     assert default["pass"] is True, default  # same documents, same weights: the same step-1 loss
     assert res["runs"]["qwen/lora/lf-best"]["config"]["neat_packing"] is True
