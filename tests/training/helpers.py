@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CITIES = ("Paris", "Rome", "Oslo", "Lima")
+
+
+class LogMessages(logging.Handler):
+    """Collects the messages of a logger: `logging.getLogger("tunesmith").addHandler(h)`, then h.messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def write_sft_data(path: Path, rows: int = 16) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.helpers import load_safetensors, logged_losses, train
+from tests.training.helpers import LogMessages, load_safetensors, logged_losses, train
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.model.compile import compile_decoder_layers, decoder_layers
@@ -48,22 +48,13 @@ def test_torch_compile_is_refused_with_sharded_engines_when_the_config_loads(eng
         load_config(None, ["torch_compile=true", *keys])
 
 
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_compiled_lora_run_matches_eager_and_saves_the_same_adapter(tiny_model_dir, sft_data, tmp_path):
     """Packed and unpacked batches of changing lengths, gradient checkpointing on: one compile, same losses."""
     common = dict(max_steps=4, packing=True, neat_packing=True, disable_gradient_checkpointing=False)
     torch.manual_seed(0)
     train(tiny_model_dir, sft_data, tmp_path / "eager", **common)
     torch.manual_seed(0)
-    handler = _Messages()
+    handler = LogMessages()
     logging.getLogger("tunesmith").addHandler(handler)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters

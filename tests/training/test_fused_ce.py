@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.training.helpers import logged_losses, train, write_weighted_sft_data
+from tests.training.helpers import LogMessages, logged_losses, train, write_weighted_sft_data
 from tunesmith.data.collate import IGNORE_INDEX, CausalLMCollator
 from tunesmith.training.fused_ce import (
     FusedHead,
@@ -235,15 +235,6 @@ def test_probe_refuses_unknown_logit_transforms_and_wrapped_heads():
     assert isinstance(probe_fused_head(lora, inputs), FusedHead)
 
 
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _run(model: Path, data: Path, out: Path, fused: bool, monkeypatch, **overrides) -> list[str]:
     """One 5-step run; returns its loss-path log lines. Off: the trainer is built with fused_loss=False."""
     import tunesmith.training.trainer as trainer_module
@@ -255,7 +246,7 @@ def _run(model: Path, data: Path, out: Path, fused: bool, monkeypatch, **overrid
     with monkeypatch.context() as m:
         if not fused:
             m.setattr(trainer_module, "TunesmithTrainer", PlainLossTrainer)
-        handler = _Messages()
+        handler = LogMessages()
         logging.getLogger("tunesmith.train").addHandler(handler)
         try:
             # The run seeds only when its Trainer is built, after LoRA's random init: seed that init too.

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.training.test_fused_ce import TRANSFORMS, _close, _Messages, _tiny
+from tests.training.helpers import LogMessages
+from tests.training.test_fused_ce import TRANSFORMS, _close, _tiny
 from tests.training.test_fused_ce import _LargestTensor as LargestTensor
 from tests.training.test_pref_stages import _logs, _train, other_model_dir, pref_dir  # noqa: F401 (its fixtures)
 from tunesmith.data.collate import IGNORE_INDEX
@@ -175,7 +176,7 @@ def _run(stage: str, fused: bool, model: Path, data: Path, out: Path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(preference, "DPOTrainer" if stage == "dpo" else "KTOTrainer", Watched)
         m.setenv("TUNESMITH_CACHE", str(out / "cache"))  # precomputed columns: each run its own
-        handler = _Messages()
+        handler = LogMessages()
         logging.getLogger("tunesmith.train").addHandler(handler)
         try:
             torch.manual_seed(0)  # LoRA's init happens before the run seeds
