@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multi_gpu import _version, steady_rate  # noqa: E402
+from multi_gpu import _version, cli_value, steady_rate  # noqa: E402
 from train_gpu_smoke import QWEN25_05B  # noqa: E402
 
 # Llama-3.2-1B(-Instruct) config.json as published (architecture only; weights are random here).
@@ -306,11 +306,7 @@ def parse_sets(items: list[str], extra: dict[str, str] | None = None) -> dict[st
         key, eq, raw = kv.partition("=")
         if not sep or not eq or side not in allowed or not key:
             raise ValueError(f"--set {item!r}: expected SIDE:key=value with SIDE one of {', '.join(allowed)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(side, {})[key] = value
+        out.setdefault(side, {})[key] = cli_value(raw)
     return out
 
 

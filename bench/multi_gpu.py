@@ -61,14 +61,19 @@ def smoke_data(path: Path, rows: int = 32) -> Path:
     return path
 
 
+def cli_value(raw: str) -> object:
+    """A --set value: JSON when it parses (true, 8, 0.1, "x"), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def _key_value(item: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
     key, eq, raw = item.partition("=")
     if not eq or not key:
         parser.error(f"--set {item!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+    return key, cli_value(raw)
 
 
 def run_config(

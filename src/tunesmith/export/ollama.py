@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunesmith.data.templates import TOKEN_PLACEHOLDERS, AutoTemplate, Template
+from tunesmith.data.templates import AutoTemplate, Template
 from tunesmith.errors import TunesmithError
 
 __all__ = ["NoOllamaTranslation", "modelfile_text", "ollama_template"]
@@ -43,8 +43,7 @@ def modelfile_text(template: Template | AutoTemplate, tokenizer: Any, *, system:
             "TEMPLATE is a Go template built from a named template's fields. Set `template:` to the named "
             "template that matches the model (e.g. qwen, llama3, gemma3) to get a Modelfile"
         )
-    needs_bind = template.unbound_placeholders or any(p in template.train_eos for p in TOKEN_PLACEHOLDERS)
-    t = template.bind(tokenizer.bos_token, tokenizer.eos_token) if needs_bind else template
+    t = template.bind(tokenizer.bos_token, tokenizer.eos_token)  # a no-op for a template without placeholders
     auto_bos = _added_bos(tokenizer)
     prompt = t.default_system if system is None else system
     if prompt and t.system_placement == "unsupported":

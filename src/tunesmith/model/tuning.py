@@ -240,13 +240,18 @@ def _result(
     return TuningResult(model, kind, trainable, total, targets, to_save)
 
 
+def param_size(param: nn.Parameter) -> int:
+    """Values a parameter holds: a 4-bit bitsandbytes tensor stores two per element, and a DeepSpeed
+    ZeRO-3 parameter's full size is its `ds_numel` (the local tensor is an empty placeholder)."""
+    n = getattr(param, "ds_numel", None) or param.numel()
+    return n * 2 if param.__class__.__name__ == "Params4bit" else n
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; a 4-bit bitsandbytes tensor stores two values per element, and a
-    DeepSpeed ZeRO-3 parameter's full size is its `ds_numel` (the local tensor is an empty placeholder)."""
+    """(trainable, all) parameter counts (see `param_size`)."""
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", None) or param.numel()
-        n *= 2 if param.__class__.__name__ == "Params4bit" else 1
+        n = param_size(param)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

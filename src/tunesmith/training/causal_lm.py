@@ -205,10 +205,12 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
 
 def _dtype_summary(model: Any) -> str:
     """e.g. "trained fp32 4.4M | frozen bf16 494.0M": what is trained, in which dtype."""
+    from tunesmith.model.tuning import param_size
+
     counts: dict[tuple[str, str], int] = {}
     for param in model.parameters():
         key = ("trained" if param.requires_grad else "frozen", str(param.dtype).removeprefix("torch."))
-        counts[key] = counts.get(key, 0) + int(getattr(param, "ds_numel", 0) or param.numel())
+        counts[key] = counts.get(key, 0) + param_size(param)
     return " | ".join(
         f"{kind} {dtype} {n / 1e6:.1f}M" for (kind, dtype), n in sorted(counts.items(), reverse=True)
     )

@@ -86,8 +86,12 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     # so that a run repeats.
     set_seed(cfg.training.seed)
     tuned = _load_model(cfg, tokenizer, dtype)
-    if cfg.training.hf.get("torch_compile"):
-        _compile_layers(cfg, tuned.model)
+    hf = cfg.training.hf
+    if hf.get("torch_compile"):  # with FSDP or ZeRO-3 it is refused when the config loads
+        from tunesmith.model.compile import compile_decoder_layers
+
+        backend = hf.get("torch_compile_backend") or "inductor"
+        compile_decoder_layers(tuned.model, mode=hf.get("torch_compile_mode"), backend=backend)
 
     manifest = None
     if args.process_index == 0:
@@ -102,23 +106,6 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
         )
     return RunStart(
         cfg, launch, out, resume, dtype, precision, tokenizer, template, args, data, tuned, manifest
-    )
-
-
-def _compile_layers(cfg: Config, model: Any) -> None:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    from tunesmith.model.compile import compile_decoder_layers
-
-    hf = cfg.training.hf
-    if hf.get("fsdp") or is_deepspeed_zero3_enabled():
-        raise TunesmithError(
-            "torch_compile: true with FSDP or DeepSpeed ZeRO-3 is not supported: they gather each layer's "
-            "sharded weights in hooks around the layer, which tunesmith does not compile through. "
-            "Fix: set torch_compile: false, or use DDP / deepspeed: zero2"
-        )
-    compile_decoder_layers(
-        model, mode=hf.get("torch_compile_mode"), backend=hf.get("torch_compile_backend") or "inductor"
     )
 
 
