@@ -1,11 +1,13 @@
 """Where does a training step's time go on the GPU? Variants timed side by side, then one step profiled.
 
 Qwen2.5-0.5B architecture (random init, bf16, the real Qwen2.5 tokenizer), LLaMA-Factory's alpaca_en_demo,
-LoRA SFT. Each variant runs through the real CLI for --steps steps; its steady seconds per optimizer step
-and trained tokens/s (steps 10..end) come from trainer_log.jsonl. Then one run of the first variant is
-profiled in-process with torch.profiler over 3 optimizer steps: the top operators by self CUDA time and by
-self CPU time, and the GPU-busy share of the profiled wall time (low = host-bound).
-Raw results: --out (JSON) and the profiler tables beside it.
+LoRA SFT. First one run of the first variant is profiled in-process: torch.profiler over optimizer steps
+10..12 (the top operators by self CUDA time and by self CPU time, the GPU-busy share of the profiled wall
+time: low = host-bound, and the Chrome trace), then cProfile over steps 14..18 (Python host time by
+function). Then each variant runs through the real CLI for --steps steps; its steady seconds per optimizer
+step and trained tokens/s (steps 10..end) come from trainer_log.jsonl.
+Raw results: --out (JSON) and beside it the profiler tables (-by_cuda, -by_cpu, -py_tottime,
+-py_cumulative .txt) and -trace.json.gz.
 
     python bench/profile_step_gpu.py --tokenizer .device/qwen-tok --data .device/alpaca_en_demo.json --out R.json
 """
@@ -39,6 +41,20 @@ VARIANTS = {
     # the train_throughput "best" shape (with --cutoff-len 2048): is the compiled step still host-bound?
     "neat_packing": {"packing": True, "neat_packing": True},
     "neat_packing_compile": {"packing": True, "neat_packing": True, "torch_compile": True},
+    "neat_packing_no_ckpt": {"packing": True, "neat_packing": True, "disable_gradient_checkpointing": True},
+    "neat_packing_flex_compile": {
+        "packing": True,
+        "neat_packing": True,
+        "flash_attn": "flex",
+        "torch_compile": True,
+    },
+    "neat_packing_varlen": {"packing": True, "neat_packing": True, "flash_attn": "varlen"},
+    "neat_packing_varlen_compile": {
+        "packing": True,
+        "neat_packing": True,
+        "flash_attn": "varlen",
+        "torch_compile": True,
+    },
 }
 
 
@@ -80,7 +96,51 @@ def run_variant(name: str, extra: dict, a: argparse.Namespace, model: Path) -> d
     return {**res, **steady(out / "trainer_log.jsonl")}
 
 
+KERNEL_GROUPS = (  # first match wins; names of CUDA kernels as the profiler records them
+    ("attention", ("fmha", "attention", "flash")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("triton (compiled layers)", ("triton",)),
+    ("reduction", ("reduce", "logsumexp")),
+    ("copy / memset", ("memcpy", "memset", "copy_kernel")),
+)
+
+
+def summarize_trace(path: Path) -> dict:
+    """GPU time by kernel group, and the GPU's idle time, over a Chrome trace (torch.profiler export)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    groups: dict[str, float] = {}
+    for e in kernels:
+        name = e["name"].lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other elementwise")
+        groups[group] = groups.get(group, 0.0) + e["dur"]
+    idle, busy_until = 0.0, kernels[0]["ts"] if kernels else 0.0
+    for e in kernels:
+        idle += max(0.0, e["ts"] - busy_until)
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    busy = sum(groups.values())
+    return {
+        "kernels": len(kernels),
+        "span_ms": round((busy_until - kernels[0]["ts"]) / 1e3, 3) if kernels else 0.0,
+        "kernel_ms": round(busy / 1e3, 3),
+        "idle_ms": round(idle / 1e3, 3),
+        "by_group_ms": {g: round(v / 1e3, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "by_group_share": {g: round(v / busy, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+    }
+
+
 def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
+    import cProfile
+    import io
+    import pstats
+
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, schedule
@@ -89,16 +149,22 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
 
     out = a.work / "out-profile"
     cfg = {**BASE, **extra, "model_name_or_path": str(model), "dataset": str(a.data), "output_dir": str(out),
-           "max_steps": 16, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
+           "max_steps": 20, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=8, warmup=2, active=3),
     )
     marks: list[float] = []
+    py_prof = cProfile.Profile()
 
     def step_hook(*_args: object) -> None:
         marks.append(time.perf_counter())
         prof.step()
+        # Python-level host time over optimizer steps 14..18, after the torch profiler has stopped.
+        if len(marks) == 13:
+            py_prof.enable()
+        elif len(marks) == 18:
+            py_prof.disable()
 
     # Bench-only: a global optimizer hook advances the profiler schedule once per optimizer step.
     handle = register_optimizer_step_post_hook(step_hook)
@@ -110,6 +176,13 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
     finally:
         prof.stop()
         handle.remove()
+    stem = a.out.parent / a.out.stem
+    trace = Path(str(stem) + "-trace.json.gz")
+    prof.export_chrome_trace(str(trace))
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(py_prof, stream=buf).sort_stats(key).print_stats(60)
+        Path(str(stem) + f"-py_{key}.txt").write_text(buf.getvalue())
     events = prof.key_averages()
     by_cuda = events.table(sort_by="self_cuda_time_total", row_limit=30)
     by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30)
@@ -117,19 +190,24 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
     (a.out.parent / (a.out.stem + "-by_cpu.txt")).write_text(by_cpu)
     cuda_us = sum(e.self_device_time_total for e in events if not e.key.startswith("ProfilerStep"))
     wall_s = marks[12] - marks[9] if len(marks) > 12 else None  # the 3 active steps
+    py_wall_s = marks[17] - marks[12] if len(marks) > 17 else None  # the 5 steps under cProfile
     return {
         "profiled_steps": 3,
         "wall_s": None if wall_s is None else round(wall_s, 4),
         "gpu_busy_s": round(cuda_us / 1e6, 4),
         "gpu_busy_share": None if not wall_s else round(cuda_us / 1e6 / wall_s, 3),
+        "cprofile_steps": 5,
+        "cprofile_wall_s": None if py_wall_s is None else round(py_wall_s, 4),
+        "unprofiled_s_per_step": round((marks[-1] - marks[-3]) / 2, 4) if len(marks) > 19 else None,
+        "trace": summarize_trace(trace),
         "top_cuda": by_cuda.splitlines()[:20],
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path)
+    p.add_argument("--data", type=Path)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-profile", action="store_true")
@@ -137,22 +215,30 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=BASE["per_device_train_batch_size"])
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-profile-step"))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--summarize-trace", type=Path, default=None, help="only summarize this trace into --out")
     a = p.parse_args()
+    if a.summarize_trace:
+        a.out.write_text(
+            json.dumps({"trace": str(a.summarize_trace.name), **summarize_trace(a.summarize_trace)}, indent=1)
+        )
+        return 0
+    if a.tokenizer is None or a.data is None:
+        p.error("--tokenizer and --data are required (except with --summarize-trace)")
     a.shape = {"cutoff_len": a.cutoff_len, "per_device_train_batch_size": a.batch}
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     model = build_model(a.work / "model", a.tokenizer)
     results: dict = {"bench": "profile_step_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "device": device(), "versions": versions(), "base": BASE | a.shape, "variants": []}  # fmt: skip
+    if not a.no_profile:  # first: a call cut short by its time limit still brings the profile back
+        results["profile"] = {"variant": a.variants[0], **profile(a, model, VARIANTS[a.variants[0]])}
+        a.out.write_text(json.dumps(results, indent=1))
+        print("\n".join(results["profile"].pop("top_cuda")), flush=True)
+        print(json.dumps(results["profile"]), flush=True)
     for name in a.variants:
         results["variants"].append(run_variant(name, VARIANTS[name], a, model))
         a.out.write_text(json.dumps(results, indent=1))
         print(json.dumps(results["variants"][-1]), flush=True)
-    if not a.no_profile:
-        results["profile"] = profile(a, model, VARIANTS[a.variants[0]])
-        a.out.write_text(json.dumps(results, indent=1))
-        print("\n".join(results["profile"].pop("top_cuda")), flush=True)
-        print(json.dumps(results["profile"]))
     return 0
 
 

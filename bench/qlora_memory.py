@@ -282,7 +282,10 @@ def _forward_backward(model: Any, fused: Any, ids: Any, autocast: Any) -> float:
     ):
         total, count, _ = fused.loss_sum(model, inputs, ids)
         loss = total / count
-    loss.backward()
+    # Backward inside the same SDPA choice, as the trainer does: checkpointing recomputes attention there,
+    # and a different kernel would save differently shaped tensors (torch's CheckpointError).
+    with sdpa_kernels():
+        loss.backward()
     return float(loss.detach())  # a device sync: the step is complete when timed
 
 

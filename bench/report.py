@@ -68,12 +68,14 @@ def multi_gpu(d: dict) -> str | None:
     comps = d.get("comparisons") or []
     if not comps:
         return None
-    method = comps[0]["method"]
+    methods = list(dict.fromkeys(c["method"] for c in comps))
+    several = len(methods) > 1
     cells = []
     for c in comps:
+        name = f"{c['method']} {c['engine']}" if several else c["engine"]
         if "speed_ratio" in c:
             match = "loss match" if c.get("losses_match") else "LOSS DIFFERS"
-            cells.append(f"{c['engine']} {_x(c['speed_ratio'])} ({match})")
+            cells.append(f"{name} {_x(c['speed_ratio'])} ({match})")
         else:
             run = next((r for r in d.get("runs", []) if r.get("name") == c.get("run")), {})
             why = c.get("reason", "no result")
@@ -81,8 +83,10 @@ def multi_gpu(d: dict) -> str | None:
                 why = f"timed out after {run.get('wall_s')} s"
             elif run.get("exit_code"):
                 why = f"exit {run['exit_code']}"
-            cells.append(f"{c['engine']}: {why}")
-    return f"{method}, 2 GPUs vs 1 tokens/s: " + ", ".join(cells)
+            cells.append(f"{name}: {why}")
+    sets = ", ".join(f"{k}={v}" for k, v in (d.get("sets") or {}).items())
+    shape = f" (micro-batch {d.get('micro_batch')}, {sets})" if sets else ""
+    return f"{' + '.join(methods)}{shape}, 2 GPUs vs 1 tokens/s: " + ", ".join(cells)
 
 
 def dpo_gpu_memory(d: dict) -> str | None:
@@ -98,7 +102,19 @@ def profile_step_gpu(d: dict) -> str | None:
     if not ok:
         return None
     cells = ", ".join(f"{v['name']} {v['s_per_step']} s/step ({v['tokens_per_s']:,.0f} tok/s)" for v in ok)
-    return f"LoRA SFT step, Qwen2.5-0.5B arch, batch 8: {cells}"
+    base = d.get("base") or {}
+    line = (
+        f"LoRA SFT step, Qwen2.5-0.5B arch, batch {base.get('per_device_train_batch_size', 8)}, "
+        f"cutoff {base.get('cutoff_len', 1024)}: {cells}"
+    )
+    trace = (d.get("profile") or {}).get("trace")
+    if trace and trace.get("kernel_ms"):
+        top, ms = next(iter(trace["by_group_ms"].items()))
+        line += (
+            f"; profiled {d['profile'].get('variant')}: GPU busy {trace['kernel_ms'] / trace['span_ms']:.0%}, "
+            f"{top} {ms / trace['kernel_ms']:.0%} of GPU time"
+        )
+    return line
 
 
 def export_gpu_check(d: dict) -> str | None:
@@ -171,21 +187,33 @@ def _kind(d: dict) -> str | None:
 def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
 
-    multi_gpu keeps one row per method and engine set (LoRA and full are separate runs); predict_throughput
-    keeps the newest throughput run and the newest identity check; train_throughput keeps the newest run
-    and the newest run with A/B (--extra-side) sides.
+    multi_gpu keeps one row per method set, engine set and --set options; predict_throughput keeps the
+    newest throughput run and the newest identity check; train_throughput keeps the newest run and the
+    newest run with A/B (--extra-side) sides; profile_step_gpu the newest profiled run and the newest
+    timing-only run.
     """
     found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
     for path in sorted(results.glob("*.json")):
         d = json.loads(path.read_text(encoding="utf-8"))
         kind = _kind(d)
+        summary = path.with_name(path.stem + "-trace_summary.json")  # written later by --summarize-trace
+        if (
+            kind == "profile_step_gpu"
+            and d.get("profile")
+            and "trace" not in d["profile"]
+            and summary.exists()
+        ):
+            d["profile"]["trace"] = json.loads(summary.read_text(encoding="utf-8"))
         if kind not in HEADLINES or HEADLINES[kind](d) is None:
             continue
         sub = ""
         if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
-            sub = d["comparisons"][0]["method"] + ":" + "+".join(c["engine"] for c in d["comparisons"])
+            sub = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"])) + ":"
+            sub += "+".join(c["engine"] for c in d["comparisons"]) + ":" + json.dumps(d.get("sets") or {})
         elif kind == "train_throughput":  # a run with A/B sides keeps its own row
             sub = "ab" if d.get("settings", {}).get("extra_sides") else ""
+        elif kind == "profile_step_gpu":  # the newest profiled run, and the newest timing-only run
+            sub = "profile" if d.get("profile") else "timing"
         elif kind == "predict_throughput":
             sub = "ratio" if d.get("ratio") else "check"
         key = (kind, sub)

@@ -26,9 +26,10 @@ class ModelArgs:
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model repository.")
     cache_dir: str | None = opt(None, "Where downloaded models are cached (default: the HF cache).")
     model_revision: str = opt("main", "Model revision: branch, tag or commit id.")
-    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "flex"] = opt(
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "flex", "varlen"] = opt(
         "auto",
-        "Attention implementation (flex: PyTorch flex attention, skips cross-document blocks of packed rows).",
+        "Attention implementation (flex: PyTorch flex attention, skips cross-document blocks of packed rows; "
+        "varlen: PyTorch's flash varlen kernel, one document at a time, no mask).",
     )
     quantization_bit: int | None = opt(None, "Load the model quantized to 4 or 8 bits (QLoRA).")
     quantization_method: Literal["bnb"] = opt("bnb", "Quantization backend for quantization_bit.")

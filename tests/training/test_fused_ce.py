@@ -99,8 +99,9 @@ def test_frozen_weight_gets_no_gradient_and_bf16_matches():
 
 
 def test_chunk_rows_bound_memory_for_any_vocabulary():
-    assert default_chunk_rows(32_000) == 4096
-    assert 256 <= default_chunk_rows(152_064) <= 1024
+    assert default_chunk_rows(32_000) == 1048
+    assert default_chunk_rows(4_000) == 4096
+    assert default_chunk_rows(152_064) == 256
     assert default_chunk_rows(10_000_000) == 256
 
 

@@ -6,6 +6,9 @@ Two layouts:
   model's mask builder makes attention block-diagonal (transformers detects packed sequences from
   position ids; flash-attention derives cu_seqlens from them), and no token attends across documents.
 
+With ``boundaries`` (flash_attn: varlen) either layout also carries the document boundaries over the
+flattened batch (`BOUNDARY_KEYS`), so the attention needs neither a mask nor a device sync.
+
 Every batch also carries ``use_cache=False``: transformers looks for packed sequences only when the model
 has no KV cache, and a model whose config says ``use_cache: true`` (most do) makes one in a training
 forward too (without gradient checkpointing), which silently gives packed rows one causal mask across
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+# transformers' FlashAttentionKwargs names: they flow from model(**batch) to every attention call.
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _pad(
@@ -32,12 +37,41 @@ def _pad(
     return out
 
 
+def document_boundaries(
+    position_ids: Sequence[Sequence[int]] | None, lengths: Sequence[int], width: int
+) -> list[int]:
+    """Cumulative document starts over ``len(lengths)`` rows of ``width`` tokens, flattened, ending at the total.
+
+    A document starts at every row's start, wherever a packed row's position ids do not continue (+1),
+    and at a padded row's first padding token (``lengths[i] < width``).
+    """
+    starts: list[int] = []
+    for i, n in enumerate(lengths):
+        base = i * width
+        starts.append(base)
+        if position_ids is not None:
+            p = position_ids[i]
+            starts.extend(base + j for j in range(1, n) if p[j] != p[j - 1] + 1)
+        if n < width:
+            starts.append(base + n)
+    return [*starts, len(lengths) * width]
+
+
+def boundary_kwargs(cu: list[int], width: int) -> dict[str, Any]:
+    """The batch keys that carry the boundaries: int32 cumulative lengths and, as the longest document, the
+    row width (an upper bound flash accepts; a constant, so compiled layers do not specialise on it)."""
+    t = torch.tensor(cu, dtype=torch.int32)
+    return {"cu_seq_lens_q": t, "cu_seq_lens_k": t, "max_length_q": width, "max_length_k": width}
+
+
 @dataclass(frozen=True)
 class CausalLMCollator:
     """Collate sft/pt rows (input_ids, labels, optional weights, optional position_ids for packed rows)."""
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    # flash_attn: varlen: also send each batch's document boundaries (BOUNDARY_KEYS), see model/varlen.py
+    boundaries: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -59,6 +93,10 @@ class CausalLMCollator:
             batch["attention_mask"] = _pad(
                 [[1] * len(f["input_ids"]) for f in features], 0, length, torch.long
             )
+        if self.boundaries:
+            packed = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
+            cu = document_boundaries(packed, [len(f["input_ids"]) for f in features], length)
+            batch.update(boundary_kwargs(cu, length))
         if any(f.get("weights") is not None for f in features):
             # a row without weights (None: all 1.0) next to weighted rows
             w = [

@@ -29,6 +29,8 @@ _ATTN_NAMES = {
     # PyTorch's flex attention: packed rows get a block mask per document, so the blocks between documents
     # are skipped instead of computed and masked (sdpa's dense 4-D mask); compiled by transformers.
     "flex": "flex_attention",
+    # PyTorch's flash-attention varlen kernel over each document of packed rows (tunesmith.model.varlen).
+    "varlen": "tunesmith_varlen",
 }
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16,
@@ -142,6 +144,15 @@ def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
             f"flash_attn: flex needs PyTorch's flex attention (torch >= 2.5; this is {torch.__version__}). "
             "Fix: upgrade torch, or use flash_attn: sdpa"
         )
+    if attn == "varlen":
+        from tunesmith.model import varlen
+
+        if not varlen.available():
+            raise TunesmithError(
+                f"flash_attn: varlen needs PyTorch's varlen attention (torch >= 2.10; this is {torch.__version__}). "
+                "Fix: upgrade torch, or use flash_attn: sdpa"
+            )
+        return varlen.register(cuda=cuda, dtype=dtype)
     return _ATTN_NAMES[attn]
 
 

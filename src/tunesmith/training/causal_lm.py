@@ -275,6 +275,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     from transformers import EarlyStoppingCallback
 
     from tunesmith.data.collate import CausalLMCollator
+    from tunesmith.model.varlen import ATTN_NAME as VARLEN_ATTN
     from tunesmith.train_callbacks import training_callbacks
     from tunesmith.training.run_steps import finish_run, start_run
     from tunesmith.training.trainer import TunesmithTrainer
@@ -287,7 +288,11 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         progress_bar=args.disable_tqdm,
     )
     bf16_or_fp16 = run.precision["bf16"] or run.precision["fp16"]
-    collator = CausalLMCollator(run.tokenizer.pad_token_id, pad_to_multiple_of=8 if bf16_or_fp16 else 1)
+    collator = CausalLMCollator(
+        run.tokenizer.pad_token_id,
+        pad_to_multiple_of=8 if bf16_or_fp16 else 1,
+        boundaries=getattr(tuned.model.config, "_attn_implementation", None) == VARLEN_ATTN,
+    )
     trainer = TunesmithTrainer(
         model=tuned.model,
         args=args,

@@ -29,14 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from tunesmith.data.collate import BOUNDARY_KEYS
+
 IGNORE_INDEX = -100
 PROBE_TOKENS = 16
 PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
 
 
+CHUNK_LOGITS = 2**25  # a chunk holds its logits in bf16 and fp32, then the bf16 gradient: 6 B each, 192 MiB
+
+
 def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk: about 2**27 logits (512 MiB in fp32) a chunk, between 256 and 4096 rows."""
-    return max(256, min(4096, 2**27 // max(vocab_size, 1)))
+    """Rows per chunk: about ``CHUNK_LOGITS`` logits a chunk, between 256 and 4096 rows.
+
+    The chunk is the loss's whole transient memory, so it decides QLoRA's peak at short contexts: on
+    Llama-3.1-8B at 2048 tokens, 2**27 logits a chunk (1046 rows, 768 MiB) put the peak at 7.57 GiB
+    (bench/qlora_memory.py, H200). A chunk of 2**25 still runs a [rows x hidden] x [hidden x vocab]
+    matmul of tens of GFLOP, so the GPU stays busy.
+    """
+    return max(256, min(4096, CHUNK_LOGITS // max(vocab_size, 1)))
 
 
 @dataclass(frozen=True)
@@ -354,9 +365,12 @@ def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | No
         )
     ids = inputs["input_ids"]
     n = min(PROBE_TOKENS, ids.shape[1])
+    # Document boundaries of the whole batch (flash_attn: varlen) do not fit the slice: without them the
+    # attention takes its masked path.
     probe = {
         k: v[:1, :n] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v
         for k, v in inputs.items()
+        if k not in BOUNDARY_KEYS
     }
     transform = LogitTransform.from_config(model.config)
     was_training = model.training

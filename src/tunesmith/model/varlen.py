@@ -1,0 +1,238 @@
+"""`flash_attn: varlen`: attention over the documents of packed rows, with no mask and no padding work.
+
+sdpa trains a packed row with a dense [rows, 1, L, L] block-diagonal mask, so its memory-efficient kernel
+computes every query-key block, across documents too. On an H200 that was 46% of the GPU time of a
+compiled LoRA step of the Qwen2.5-0.5B architecture at 2048 tokens a row
+(bench/results/profile_step_gpu-2026-11-28T0518Z-compile-h200-*).
+
+Here the collator sends each batch's document boundaries (``cu_seq_lens_q``: cumulative lengths over the
+flattened [rows x L] tokens, int32, computed on the CPU, so no device sync) with the batch, transformers
+hands them to the attention function of every layer, and PyTorch's own flash-attention varlen kernel
+(`torch.nn.attention.varlen.varlen_attn`, no flash-attn package needed) runs each document causally on
+its own. A padded row's padding is one more document at its end: no real token attends to it, and its
+labels are -100.
+
+Calls without those boundaries (generation with a KV cache, the loss probe, DPO's collator) take an exact
+path: SDPA with a boolean mask built from the 2-D padding mask and, for packed rows, from the position
+ids (causal, bottom-right aligned). On CPU, which has no flash kernel, the documents run one by one
+through SDPA (`reference_varlen`): the same numbers, for tests and CPU runs.
+
+The function is registered under ``ATTN_NAME`` with transformers' documented `AttentionInterface`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.errors import TunesmithError
+
+ATTN_NAME = "tunesmith_varlen"
+
+
+def available() -> bool:
+    """PyTorch ships the varlen attention API (torch >= 2.10)."""
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Register the attention with transformers (idempotent); returns its attn_implementation.
+
+    With ``cuda``, one tiny forward + backward through the flash kernel first, so a torch whose varlen
+    attention cannot train (no backward, no kernel for this GPU) fails here with the fix, not mid-run.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    api = KernelApi.of(varlen_attn)
+    if cuda:
+        preflight(api, dtype)
+    AttentionInterface.register(ATTN_NAME, make_attention_forward(api))
+    # The 2-D padding mask (None when nothing is padded), as flash-attention gets it; a name missing here
+    # would make transformers drop the mask altogether.
+    AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
+    return ATTN_NAME
+
+
+@dataclass(frozen=True)
+class KernelApi:
+    """What this torch's ``varlen_attn`` takes: ``window_size`` (else torch 2.10's ``is_causal``), ``scale``,
+    ``enable_gqa``. Read once, outside any compiled code."""
+
+    window: bool
+    scale: bool
+    gqa: bool
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> KernelApi:
+        params = inspect.signature(fn).parameters
+        return cls(window="window_size" in params, scale="scale" in params, gqa="enable_gqa" in params)
+
+
+def preflight(api: KernelApi, dtype: torch.dtype) -> None:
+    """Forward + backward of two short documents on the current GPU; TunesmithError with the fix if not."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TunesmithError(
+            f"flash_attn: varlen runs flash attention, which takes bf16 or fp16, not {dtype}. "
+            "Fix: train in bf16 (the default on capable GPUs), or use flash_attn: sdpa"
+        )
+    try:
+        q, k, v = (torch.randn(24, 2, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        cu = torch.tensor([0, 10, 24], device="cuda", dtype=torch.int32)
+        flash_varlen(q, k, v, cu, 14, 0.125, None, api).float().sum().backward()
+        torch.cuda.synchronize()
+    except Exception as e:  # any failure of the kernel: say which torch and what to do
+        raise TunesmithError(
+            f"flash_attn: varlen: PyTorch {torch.__version__}'s varlen attention failed a forward + backward on "
+            f"{torch.cuda.get_device_name()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "Fix: use flash_attn: sdpa (or upgrade torch)"
+        ) from e
+
+
+def flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float,
+    window: int | None, api: KernelApi,
+) -> torch.Tensor:  # fmt: skip
+    """Causal attention of each document: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D] (CUDA flash kernel)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw: dict[str, Any] = {}
+    if api.window:
+        kw["window_size"] = (window - 1 if window else -1, 0)
+    elif window:
+        raise TunesmithError(
+            f"flash_attn: varlen: this model uses sliding-window attention ({window} tokens), which PyTorch "
+            f"{torch.__version__}'s varlen attention cannot restrict. Fix: upgrade torch, or use flash_attn: sdpa"
+        )
+    else:
+        kw["is_causal"] = True
+    if api.scale:
+        kw["scale"] = scale
+    elif not math.isclose(scale, q.shape[-1] ** -0.5):
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if k.shape[1] != q.shape[1]:
+        if api.gqa:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def reference_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float,
+    window: int | None,
+) -> torch.Tensor:  # fmt: skip
+    """`flash_varlen`'s numbers without a flash kernel: each document through SDPA in turn (CPU)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        mask = _causal(end - start, end - start, window, q.device)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
+                                           enable_gqa=kd.shape[0] != qd.shape[0])  # fmt: skip
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _causal(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] bool: key j visible to query i (bottom-right aligned), within the window if any."""
+    qi = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    kj = torch.arange(kv_len, device=device)[None, :]
+    allowed = kj <= qi
+    if window:
+        allowed &= kj > qi - window
+    return allowed
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None, scale: float, window: int | None,
+) -> torch.Tensor:  # fmt: skip
+    """Exact attention for calls without boundaries: q [B, H, q, D], k/v [B, Hkv, kv, D] -> [B, q, H, D].
+
+    The boolean mask combines causality (bottom-right aligned, so a KV cache works), the 2-D padding mask
+    (``attention_mask`` [B, kv]) and, for packed rows (``q == kv``), same-document from the position ids.
+    """
+    b, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    mask = _causal(q_len, kv_len, window, query.device)[None, None]  # [1, 1, q, kv]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise TunesmithError(
+                f"flash_attn: varlen: got a {attention_mask.dim()}-D attention mask; it takes the 2-D padding "
+                "mask. Fix: use flash_attn: sdpa for custom 4-D masks"
+            )
+        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+    if position_ids is not None and q_len == kv_len:
+        pos = position_ids.expand(b, -1)
+        doc = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)  # [B, L]
+        mask = mask & (doc[:, None, :, None] == doc[:, None, None, :])
+    # A query that sees no key (a left-padding position) would give NaN, which its value then carries into
+    # real tokens' sums (0 x NaN): let it see every key instead, as transformers' SDPA mask does.
+    mask = mask | ~mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def make_attention_forward(api: KernelApi) -> Callable[..., tuple[torch.Tensor, None]]:
+    """transformers' attention interface function, bound to this torch's kernel API."""
+
+    def varlen_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        is_causal: bool | None = None,
+        s_aux: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """q [B, H, L, D], k/v [B, Hkv, L, D] -> ([B, L, H, D], None)."""
+        unsupported = {
+            "attention dropout": dropout and module.training,
+            "logit soft-capping": softcap,
+            "attention sinks": s_aux is not None,
+            "non-causal attention": is_causal is False or getattr(module, "is_causal", True) is False,
+        }
+        found = [name for name, on in unsupported.items() if on]
+        if found:
+            raise TunesmithError(
+                f"flash_attn: varlen: this model uses {', '.join(found)}, which varlen attention does not "
+                "compute. Fix: use flash_attn: sdpa (or auto)"
+            )
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        cu = kwargs.get("cu_seq_lens_q")
+        b, h, length, d = query.shape
+        if cu is None or key.shape[2] != length:
+            position_ids = kwargs.get("position_ids")
+            out = masked_attention(query, key, value, attention_mask, position_ids, scale, sliding_window)
+            return out, None
+        flat = [x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value)]
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        max_len = int(kwargs.get("max_length_q") or length)
+        if query.is_cuda:
+            out = flash_varlen(*flat, cu, max_len, scale, sliding_window, api)
+        else:
+            out = reference_varlen(*flat, cu, max_len, scale, sliding_window)
+        return out.view(b, length, h, d), None
+
+    return varlen_attention_forward

@@ -1,0 +1,175 @@
+"""flash_attn: varlen: document boundaries from the collator, the attention function's two paths, the
+flash kernel adapter (with a stand-in kernel: CPU has no flash), and training equal to sdpa's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tunesmith
+from tests.training.helpers import logged_losses, train
+from tunesmith.data.collate import BOUNDARY_KEYS, CausalLMCollator, document_boundaries
+from tunesmith.errors import TunesmithError
+from tunesmith.infer.engine import load_engine
+from tunesmith.infer.settings import SamplingSettings
+from tunesmith.model import varlen
+from tunesmith.model.loader import load_model
+
+
+def test_boundaries_split_packed_documents_and_trailing_padding():
+    pos = [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    # row 0: documents at 0, 3, 5, padding at 6; row 1: one document, padding at 14
+    assert document_boundaries(pos, [6, 6], 8) == [0, 3, 5, 6, 8, 14, 16]
+    assert document_boundaries(None, [3, 8, 1], 8) == [0, 3, 8, 16, 17, 24]
+
+
+def test_collator_sends_boundaries_only_when_asked():
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "position_ids": [0, 1, 0, 1, 2]},
+            {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]}]  # fmt: skip
+    plain = CausalLMCollator(0, pad_to_multiple_of=8)(rows)
+    assert not set(BOUNDARY_KEYS) & set(plain)
+    batch = CausalLMCollator(0, pad_to_multiple_of=8, boundaries=True)(rows)
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8, 11, 16]
+    assert batch["max_length_q"] == batch["max_length_k"] == 8
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+
+
+def _docs_alone(model, ids, spans):
+    return torch.cat([model(input_ids=ids[:, a:b]).logits for a, b in spans], 1)
+
+
+def test_packed_rows_match_each_document_alone_with_and_without_boundaries(tiny_model_dir):
+    torch.manual_seed(0)
+    spans = ((0, 40), (40, 56), (56, 96))
+    ids = torch.randint(10, 500, (2, 96))
+    pos = torch.cat([torch.arange(b - a) for a, b in spans]).repeat(2, 1)
+    loaded = load_model(str(tiny_model_dir), dtype="float32", attn="varlen", gradient_checkpointing=False)
+    assert loaded.attn_implementation == varlen.ATTN_NAME
+    plain = load_model(str(tiny_model_dir), dtype="float32", attn="sdpa", gradient_checkpointing=False).model
+    cu = document_boundaries(pos.tolist(), [96, 96], 96)
+    bounds = {"cu_seq_lens_q": torch.tensor(cu, dtype=torch.int32), "max_length_q": 96}
+    with torch.no_grad():
+        alone = _docs_alone(plain, ids, spans)
+        with_cu = loaded.model(input_ids=ids, position_ids=pos, use_cache=False, **bounds).logits
+        masked = loaded.model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(with_cu, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(masked, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_rows_and_generation_match_sdpa(tiny_model_dir):
+    torch.manual_seed(1)
+    ids = torch.randint(10, 500, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # right padding
+    sdpa = load_model(str(tiny_model_dir), dtype="float32", attn="sdpa", gradient_checkpointing=False).model
+    ours = load_model(str(tiny_model_dir), dtype="float32", attn="varlen", gradient_checkpointing=False).model
+    cu = torch.tensor(document_boundaries(None, [24, 17], 24), dtype=torch.int32)
+    with torch.no_grad():
+        want = sdpa(input_ids=ids, attention_mask=mask).logits
+        got_cu = ours(input_ids=ids, attention_mask=mask, cu_seq_lens_q=cu, max_length_q=24).logits
+        got_mask = ours(input_ids=ids, attention_mask=mask).logits
+    for got in (got_cu, got_mask):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1, :17], want[1, :17], rtol=1e-4, atol=1e-4)
+
+    def greedy(attn: str) -> list[list[int]]:
+        keys = {"model_name_or_path": str(tiny_model_dir), "template": "qwen", "flash_attn": attn}
+        engine = load_engine(tunesmith.load_config(None, [f"{k}={v}" for k, v in keys.items()]))
+        prompts = [
+            engine.prompt_ids([{"role": "user", "content": t}]) for t in ("Hi", "A longer question here")
+        ]
+        return [
+            [c.token_ids for c in r]
+            for r in engine.generate(prompts, SamplingSettings(max_new_tokens=6, do_sample=False))
+        ]
+
+    assert greedy("varlen") == greedy("sdpa")  # left-padded prompts, then the KV cache: the masked path
+
+
+def _reference_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                      scale=None, enable_gqa=False, return_aux=None):  # fmt: skip
+    """Stand-in for torch's CUDA varlen_attn, with its current signature."""
+    assert cu_seq_q.dtype == torch.int32 and max_q == max_k and cu_seq_q is cu_seq_k
+    assert window_size[1] == 0, "always causal"
+    window = None if window_size[0] < 0 else window_size[0] + 1
+    if key.shape[1] != query.shape[1]:
+        assert enable_gqa
+    return varlen.reference_varlen(query, key, value, cu_seq_q, max_q, scale, window)
+
+
+def test_flash_adapter_maps_causality_scale_and_gqa(monkeypatch):
+    from torch.nn.attention import varlen as torch_varlen
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", _reference_kernel)
+    api = varlen.KernelApi.of(_reference_kernel)
+    assert api == varlen.KernelApi(window=True, scale=True, gqa=True)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    want = varlen.reference_varlen(q, k, v, cu, 13, 0.3, None)
+    torch.testing.assert_close(varlen.flash_varlen(q, k, v, cu, 13, 0.3, None, api), want)
+    windowed = varlen.reference_varlen(q, k, v, cu, 13, 0.3, 4)
+    torch.testing.assert_close(varlen.flash_varlen(q, k, v, cu, 13, 0.3, 4, api), windowed)
+    assert not torch.allclose(windowed, want)
+
+    def old_api(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        """torch 2.10's signature: no scale, no GQA, no window."""
+        assert is_causal and key.shape[1] == query.shape[1]
+        return varlen.reference_varlen(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5, None)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", old_api)
+    old = varlen.KernelApi.of(old_api)
+    assert old == varlen.KernelApi(window=False, scale=False, gqa=False)
+    torch.testing.assert_close(varlen.flash_varlen(q, k, v, cu, 13, 0.3, None, old), want)
+    with pytest.raises(TunesmithError, match="sliding-window.*upgrade torch"):
+        varlen.flash_varlen(q, k, v, cu, 13, 0.3, 4, old)
+
+
+def test_preflight_refuses_fp32_and_reports_a_failing_kernel(monkeypatch):
+    api = varlen.KernelApi(window=True, scale=True, gqa=True)
+    with pytest.raises(TunesmithError, match="takes bf16 or fp16.*use flash_attn: sdpa"):
+        varlen.preflight(api, torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    # no CUDA here: the tiny forward fails, and the error names torch, the GPU and the fix
+    with pytest.raises(
+        TunesmithError, match="failed a forward \\+ backward on a test GPU.*use flash_attn: sdpa"
+    ):
+        varlen.preflight(api, torch.bfloat16)
+
+
+def test_training_with_varlen_matches_sdpa_packed_and_padded(monkeypatch, tiny_model_dir, sft_data, tmp_path):
+    calls: list[int] = []
+    real = varlen.reference_varlen
+
+    def spy(q, k, v, cu, *rest):
+        calls.append(len(cu) - 1)  # documents in the batch
+        return real(q, k, v, cu, *rest)
+
+    monkeypatch.setattr(varlen, "reference_varlen", spy)
+    for packing in (True, False):
+        keys = {"packing": packing, "max_steps": 4, "cutoff_len": 256}
+        train(tiny_model_dir, sft_data, tmp_path / f"sdpa{packing}", flash_attn="sdpa", **keys)
+        calls.clear()
+        train(tiny_model_dir, sft_data, tmp_path / f"varlen{packing}", flash_attn="varlen", **keys)
+        rows = 4
+        assert calls and max(calls) > rows, "several documents a row (packed) or padding documents (padded)"
+        want = logged_losses(tmp_path / f"sdpa{packing}")
+        got = logged_losses(tmp_path / f"varlen{packing}")
+        assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+        assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-5), packing
+
+
+def test_unsupported_model_features_and_missing_api_are_refused(monkeypatch):
+    class Attn(torch.nn.Module):
+        is_causal = True
+
+    q = torch.zeros(1, 2, 4, 8)
+    forward = varlen.make_attention_forward(varlen.KernelApi(window=True, scale=True, gqa=True))
+    with pytest.raises(TunesmithError, match="logit soft-capping.*use flash_attn: sdpa"):
+        forward(Attn(), q, q, q, None, softcap=50.0)
+    from tunesmith.model import loader
+
+    monkeypatch.setattr(varlen, "available", lambda: False)
+    with pytest.raises(TunesmithError, match="varlen needs PyTorch's varlen attention"):
+        loader.resolve_attn("varlen", cuda=False, dtype=torch.float32)
