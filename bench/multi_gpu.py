@@ -85,7 +85,7 @@ def run_config(
         "per_device_train_batch_size": a.batch, "gradient_accumulation_steps": accumulation,
         "max_steps": a.steps, "logging_steps": 1, "save_strategy": "no", "plot_loss": False,
         "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "seed": 0, "report_to": "none",
-        "data_cache_dir": str(a.work / "cache"), "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
+        "data_cache_dir": str(a.work / "cache"), "preprocessing_num_workers": 1,
         **METHODS[method], **ENGINES[engine], **a.sets,
     }  # fmt: skip
     if not a.cpu_smoke:
