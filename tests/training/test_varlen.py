@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tunesmith
-from tests.training.helpers import logged_losses, train
+from tests.training.helpers import logged_losses, train, write_pt_data, write_weighted_sft_data
 from tunesmith.data.collate import BOUNDARY_KEYS, CausalLMCollator, document_boundaries
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.engine import load_engine
@@ -33,6 +33,21 @@ def test_collator_sends_boundaries_only_when_asked():
     assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8, 11, 16]
     assert batch["max_length_q"] == batch["max_length_k"] == 8
     assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+
+
+def test_unpacked_rows_are_put_back_to_back_without_padding():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "weights": [1.0, 1.0, 0.5]},
+            {"input_ids": [8, 9, 10, 11, 12], "labels": [8, -100, 10, 11, 12]}]  # fmt: skip
+    batch = CausalLMCollator(0, pad_to_multiple_of=4, boundaries=True)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]  # 8 tokens: no padding needed
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 10, 11, 12]]  # each first label masked
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 8] and batch["max_length_q"] == 8
+    assert batch["loss_weights"].tolist() == [[0.0, 1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    assert "attention_mask" not in batch
+    odd = CausalLMCollator(0, pad_to_multiple_of=8, boundaries=True)(rows[:1] + rows[:1])
+    assert odd["input_ids"].shape == (1, 8) and odd["cu_seq_lens_q"].tolist() == [0, 3, 6, 8]
+    assert odd["labels"][0, 6:].tolist() == [-100, -100] and odd["position_ids"][0, 6:].tolist() == [0, 1]
 
 
 def _docs_alone(model, ids, spans):
@@ -152,12 +167,32 @@ def test_training_with_varlen_matches_sdpa_packed_and_padded(monkeypatch, tiny_m
         train(tiny_model_dir, sft_data, tmp_path / f"sdpa{packing}", flash_attn="sdpa", **keys)
         calls.clear()
         train(tiny_model_dir, sft_data, tmp_path / f"varlen{packing}", flash_attn="varlen", **keys)
-        rows = 4
-        assert calls and max(calls) > rows, "several documents a row (packed) or padding documents (padded)"
+        rows = 4  # per_device_train_batch_size
+        if packing:
+            assert calls and max(calls) > rows, "several documents a row"
+        else:
+            assert calls and set(calls) == {rows}, (
+                "one row of the 4 documents, no padding (fp32: no multiple)"
+            )
         want = logged_losses(tmp_path / f"sdpa{packing}")
         got = logged_losses(tmp_path / f"varlen{packing}")
         assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
         assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-5), packing
+
+
+@pytest.mark.parametrize("stage", ["pt", "weighted-sft"])
+def test_padding_free_batches_match_padded_ones_for_pt_and_weighted_rows(stage, tiny_model_dir, tmp_path):
+    """pt trains every token (the masked first label of each document matters), weighted rows carry
+    loss_weights: both flattened by flash_attn: varlen and padded by sdpa give the same losses."""
+    if stage == "pt":
+        data, keys = write_pt_data(tmp_path / "pt.jsonl"), {"stage": "pt", "packing": False}
+    else:
+        data, keys = write_weighted_sft_data(tmp_path / "w.json"), {}
+    keys |= {"max_steps": 3, "cutoff_len": 64}
+    train(tiny_model_dir, data, tmp_path / "sdpa", flash_attn="sdpa", **keys)
+    train(tiny_model_dir, data, tmp_path / "varlen", flash_attn="varlen", **keys)
+    want, got = logged_losses(tmp_path / "sdpa"), logged_losses(tmp_path / "varlen")
+    assert len(got) == 3 and [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-5)
 
 
 def test_unsupported_model_features_and_missing_api_are_refused(monkeypatch):

@@ -6,8 +6,9 @@ Two layouts:
   model's mask builder makes attention block-diagonal (transformers detects packed sequences from
   position ids; flash-attention derives cu_seqlens from them), and no token attends across documents.
 
-With ``boundaries`` (flash_attn: varlen) either layout also carries the document boundaries over the
-flattened batch (`BOUNDARY_KEYS`), so the attention needs neither a mask nor a device sync.
+With ``boundaries`` (flash_attn: varlen) a batch also carries its document boundaries over the flattened
+batch (`BOUNDARY_KEYS`), so the attention needs neither a mask nor a device sync; unpacked rows are then
+put back to back in one row with no padding (padding-free batches).
 
 Every batch also carries ``use_cache=False``: transformers looks for packed sequences only when the model
 has no KV cache, and a model whose config says ``use_cache: true`` (most do) makes one in a training
@@ -17,6 +18,7 @@ documents. tests/training/test_invariants.py proves packed == unpacked losses.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,8 @@ class CausalLMCollator:
     boundaries: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.boundaries and "position_ids" not in features[0]:
+            return self._flattened(features)
         longest = max(len(f["input_ids"]) for f in features)
         m = self.pad_to_multiple_of
         length = -(-longest // m) * m
@@ -104,4 +108,46 @@ class CausalLMCollator:
                 for f in features
             ]
             batch["loss_weights"] = _pad(w, 0.0, length, torch.float32)
+        return batch
+
+    def _flattened(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Unpacked rows as one row of their documents back to back, with no padding between them:
+        [1, total] (padded at the end to a multiple), position ids restarting per document and the
+        boundaries. Attention stays within each document (flash_attn: varlen), and each document's first
+        label is masked, as packing does, because the token before it now belongs to another document;
+        unpacked, that label was never a target. So the losses are those of the padded batch, and no
+        compute goes to padding."""
+        lens = [len(f["input_ids"]) for f in features]
+        total = sum(lens)
+        m = self.pad_to_multiple_of
+        length = -(-total // m) * m
+        pad = length - total
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for f, n in zip(features, lens):
+            ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(f["labels"][1:])
+            pos.extend(range(n))
+        ids.extend([self.pad_token_id] * pad)
+        labels.extend([IGNORE_INDEX] * pad)
+        pos.extend(range(pad))
+        cu = [0, *itertools.accumulate(lens)] + ([length] if pad else [])
+        longest = max(lens + [pad])
+        batch: dict[str, Any] = {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([pos], dtype=torch.long),
+            "use_cache": False,
+            # the longest document, rounded up: fewer distinct values for compiled layers to see
+            **boundary_kwargs(cu, min(length, -(-longest // 256) * 256)),
+        }
+        if any(f.get("weights") is not None for f in features):
+            w: list[float] = []
+            for f, n in zip(features, lens):
+                row = f["weights"] if f.get("weights") is not None else [1.0] * n
+                w.append(0.0)
+                w.extend(row[1:])
+            batch["loss_weights"] = torch.tensor([w + [0.0] * pad], dtype=torch.float32)
         return batch
