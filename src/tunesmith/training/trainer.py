@@ -27,6 +27,7 @@ from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
 from tunesmith.training.fused_ce import FusedHead, probe_fused_head
+from tunesmith.training.lora_casting import casting_layers, inputs_uncast
 
 logger = logging.getLogger("tunesmith.train")
 
@@ -47,15 +48,26 @@ class TunesmithTrainer(Trainer):
         self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
         self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
+        self._uncast_layers: list[Any] | None = None  # LoRA layers fed in the compute dtype (lora_casting)
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         tokens = count_trained_tokens(inputs["labels"])
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._uncast_layers is None:
+            self._uncast_layers = self._layers_to_uncast(model)
+        with inputs_uncast(self._uncast_layers):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.bundle.add_tokens(tokens)
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
+
+    def _layers_to_uncast(self, model: Any) -> list[Any]:
+        """The LoRA layers whose input casting a training step turns off: those of a model trained under
+        autocast (bf16/fp16 mixed precision). DeepSpeed and FSDP cast the model themselves, no autocast."""
+        if not (self.args.bf16 or self.args.fp16) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return []
+        return casting_layers(self.accelerator.unwrap_model(model))
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """HF's estimate, 6 x non-embedding parameters x input tokens, with the parameters counted once.
