@@ -208,3 +208,15 @@ def test_unsupported_model_features_and_missing_api_are_refused(monkeypatch):
     monkeypatch.setattr(varlen, "available", lambda: False)
     with pytest.raises(TunesmithError, match="varlen needs PyTorch's varlen attention"):
         loader.resolve_attn("varlen", cuda=False, dtype=torch.float32)
+
+
+def test_models_with_soft_capped_attention_are_refused_when_loaded():
+    from transformers import Gemma2Config, Qwen2Config
+
+    varlen.check_model(Qwen2Config(attention_dropout=0.0))
+    with pytest.raises(
+        TunesmithError, match="Gemma2Config uses attention logit soft-capping.*flash_attn: sdpa"
+    ):
+        varlen.check_model(Gemma2Config())
+    with pytest.raises(TunesmithError, match="attention dropout"):
+        varlen.check_model(Qwen2Config(attention_dropout=0.1))

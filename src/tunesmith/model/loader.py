@@ -225,6 +225,10 @@ def load_model(
             "config.json and weights, or a hub id already in the local cache"
         ) from e
 
+    if chosen_attn == "tunesmith_varlen":
+        from tunesmith.model.varlen import check_model
+
+        check_model(model.config)
     old_rows = embedding_rows(model)
     resized = tokenizer is not None and len(tokenizer) > old_rows
     if resized:

@@ -65,6 +65,29 @@ def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
     return ATTN_NAME
 
 
+def check_model(config: Any) -> None:
+    """Refuse, right after loading, a model whose attention varlen cannot compute (rather than at the
+    first forward, after the data is prepared)."""
+    text = config.get_text_config()
+    found = [
+        what
+        for what, on in (
+            (
+                "attention logit soft-capping (attn_logit_softcapping)",
+                getattr(text, "attn_logit_softcapping", None),
+            ),
+            ("attention dropout (attention_dropout)", getattr(text, "attention_dropout", 0.0)),
+            ("encoder (non-causal) attention", getattr(text, "is_encoder_decoder", False)),
+        )
+        if on
+    ]
+    if found:
+        raise TunesmithError(
+            f"flash_attn: varlen: {type(config).__name__} uses {', '.join(found)}, which varlen attention does "
+            "not compute. Fix: use flash_attn: sdpa (or auto)"
+        )
+
+
 @dataclass(frozen=True)
 class KernelApi:
     """What this torch's ``varlen_attn`` takes: ``window_size`` (else torch 2.10's ``is_causal``), ``scale``,
