@@ -1,4 +1,4 @@
-"""`flash_attn: varlen`: attention over the documents of packed rows, with no mask and no padding work.
+"""`flash_attn: varlen`: each document of a batch attends on its own, with no mask and no padding work.
 
 sdpa trains a packed row with a dense [rows, 1, L, L] block-diagonal mask, so its memory-efficient kernel
 computes every query-key block, across documents too. On an H200 that was 46% of the GPU time of a
@@ -9,8 +9,8 @@ Here the collator sends each batch's document boundaries (``cu_seq_lens_q``: cum
 flattened [rows x L] tokens, int32, computed on the CPU, so no device sync) with the batch, transformers
 hands them to the attention function of every layer, and PyTorch's own flash-attention varlen kernel
 (`torch.nn.attention.varlen.varlen_attn`, no flash-attn package needed) runs each document causally on
-its own. A padded row's padding is one more document at its end: no real token attends to it, and its
-labels are -100.
+its own. Packed rows keep their shape (a row's trailing padding is one more document, all labels
+-100); unpacked rows are put back to back in one row with no padding at all (`CausalLMCollator`).
 
 Calls without those boundaries (generation with a KV cache, the loss probe, DPO's collator) take an exact
 path: SDPA with a boolean mask built from the 2-D padding mask and, for packed rows, from the position
