@@ -10,6 +10,7 @@ Raw results: --out (JSON) and beside it the profiler tables (-by_cuda, -by_cpu, 
 -py_cumulative .txt) and -trace.json.gz.
 
     python bench/profile_step_gpu.py --tokenizer .device/qwen-tok --data .device/alpaca_en_demo.json --out R.json
+    torchrun --nproc-per-node 2 bench/profile_step_gpu.py ... --variants full_neat_packing   # rank 0 of DDP
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from train_gpu_smoke import build_model, device, versions  # bench/ is on sys.path when run as a script
+from multi_gpu import cli_value  # bench/ is on sys.path when run as a script
+from train_gpu_smoke import build_model, device, versions
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {
@@ -49,6 +51,13 @@ VARIANTS = {
         "torch_compile": True,
     },
     "neat_packing_varlen": {"packing": True, "neat_packing": True, "flash_attn": "varlen"},
+    # full SFT, e.g. to profile rank 0 of a 2-GPU DDP step (run this script under torchrun)
+    "full_neat_packing": {
+        "finetuning_type": "full",
+        "learning_rate": 1e-5,
+        "packing": True,
+        "neat_packing": True,
+    },
     "neat_packing_varlen_compile": {
         "packing": True,
         "neat_packing": True,
@@ -78,7 +87,7 @@ def steady(log: Path, warm: int = 10) -> dict:
 def run_variant(name: str, extra: dict, a: argparse.Namespace, model: Path) -> dict:
     out = a.work / f"out-{name}"
     cfg = {**BASE, **extra, "model_name_or_path": str(model), "dataset": str(a.data), "output_dir": str(out),
-           "max_steps": a.steps, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
+           "max_steps": a.steps, "data_cache_dir": str(a.work / "cache"), **a.shape, **a.sets}  # fmt: skip
     args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     t0 = time.time()
@@ -136,7 +145,9 @@ def summarize_trace(path: Path) -> dict:
     }
 
 
-def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
+def profile(a: argparse.Namespace, model: Path, extra: dict, write: bool = True) -> dict:
+    """Profile one in-process run of ``extra``; ``write``: this process writes the tables and the trace
+    (under torchrun, rank 0 only; every rank trains)."""
     import cProfile
     import io
     import pstats
@@ -149,7 +160,7 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
 
     out = a.work / "out-profile"
     cfg = {**BASE, **extra, "model_name_or_path": str(model), "dataset": str(a.data), "output_dir": str(out),
-           "max_steps": 20, "data_cache_dir": str(a.work / "cache"), **a.shape}  # fmt: skip
+           "max_steps": 20, "data_cache_dir": str(a.work / "cache"), **a.shape, **a.sets}  # fmt: skip
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=8, warmup=2, active=3),
@@ -176,6 +187,8 @@ def profile(a: argparse.Namespace, model: Path, extra: dict) -> dict:
     finally:
         prof.stop()
         handle.remove()
+    if not write:
+        return {}
     stem = a.out.parent / a.out.stem
     trace = Path(str(stem) + "-trace.json.gz")
     prof.export_chrome_trace(str(trace))
@@ -216,7 +229,17 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-profile-step"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--summarize-trace", type=Path, default=None, help="only summarize this trace into --out")
+    p.add_argument(
+        "--model", type=Path, default=None, help="an existing model folder (default: build Qwen2.5-0.5B)"
+    )
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="for every run"
+    )
     a = p.parse_args()
+    pairs = [item.partition("=") for item in a.sets]
+    if any(not eq or not key for key, eq, _ in pairs):
+        p.error(f"--set takes KEY=VALUE, got {a.sets}")
+    a.sets = {key: cli_value(raw) for key, _, raw in pairs}
     if a.summarize_trace:
         a.out.write_text(
             json.dumps({"trace": str(a.summarize_trace.name), **summarize_trace(a.summarize_trace)}, indent=1)
@@ -225,17 +248,26 @@ def main() -> int:
     if a.tokenizer is None or a.data is None:
         p.error("--tokenizer and --data are required (except with --summarize-trace)")
     a.shape = {"cutoff_len": a.cutoff_len, "per_device_train_batch_size": a.batch}
+    # Under torchrun every rank trains the profiled run (DDP, say) and rank 0 writes; the variants, which
+    # run the CLI in child processes, are skipped there.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        a.work = a.work / f"rank{rank}"
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    model = build_model(a.work / "model", a.tokenizer)
+    model = a.model or build_model(a.work / "model", a.tokenizer)
     results: dict = {"bench": "profile_step_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "device": device(), "versions": versions(), "base": BASE | a.shape, "variants": []}  # fmt: skip
+                     "device": device(), "versions": versions(), "base": BASE | a.shape | a.sets, "world_size": world,
+                     "variants": []}  # fmt: skip
     if not a.no_profile:  # first: a call cut short by its time limit still brings the profile back
-        results["profile"] = {"variant": a.variants[0], **profile(a, model, VARIANTS[a.variants[0]])}
+        found = profile(a, model, VARIANTS[a.variants[0]], write=rank == 0)
+        if rank != 0:
+            return 0
+        results["profile"] = {"variant": a.variants[0], **found}
         a.out.write_text(json.dumps(results, indent=1))
         print("\n".join(results["profile"].pop("top_cuda")), flush=True)
         print(json.dumps(results["profile"]), flush=True)
-    for name in a.variants:
+    for name in a.variants if world == 1 else ():
         results["variants"].append(run_variant(name, VARIANTS[name], a, model))
         a.out.write_text(json.dumps(results, indent=1))
         print(json.dumps(results["variants"][-1]), flush=True)

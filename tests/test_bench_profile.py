@@ -36,3 +36,38 @@ def test_trace_summary_groups_kernels_and_counts_idle_gaps(tmp_path: Path) -> No
         "other elementwise": 0.1,
     }
     assert list(s["by_group_share"])[0] == "attention" and s["by_group_share"]["attention"] == 0.444
+
+
+def test_profile_under_torchrun_trains_every_rank_and_rank0_writes(tmp_path: Path) -> None:
+    """Two gloo processes on CPU: a DDP full-SFT run profiled, the results and tables from rank 0 only."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.training.helpers import write_sft_data
+    from tunesmith.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    data = write_sft_data(tmp_path / "sft.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "res" / "p.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           str(REPO / "bench" / "profile_step_gpu.py"), "--tokenizer", str(model), "--data", str(data),
+           "--model", str(model), "--variants", "full_neat_packing", "--cutoff-len", "64", "--batch", "2",
+           "--work", str(tmp_path / "work"), "--out", str(out), "--set", "bf16=false",
+           "--set", "template=qwen"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed run: world size 2" in proc.stdout + proc.stderr
+    d = json.loads(out.read_text())
+    assert d["world_size"] == 2 and d["variants"] == [] and d["profile"]["variant"] == "full_neat_packing"
+    assert d["profile"]["cprofile_wall_s"] and d["profile"]["trace"]["span_ms"] >= 0
+    assert (out.parent / "p-by_cpu.txt").exists() and (out.parent / "p-py_tottime.txt").exists()
+    assert (tmp_path / "work" / "rank0" / "out-profile" / "trainer_log.jsonl").exists()
