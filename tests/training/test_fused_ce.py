@@ -192,8 +192,13 @@ def _fused_sum(model, batch: dict[str, Any]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
     head = probe_fused_head(model, inputs, chunk_rows=5)
     assert isinstance(head, FusedHead), head
-    total, count, outputs = head.loss_sum(model, inputs, batch["labels"], batch.get("loss_weights"))
-    assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # the collator's loss_rows (found on the CPU) are exactly the rows the head finds on the device
+    found, _, _ = head.loss_sum(model, inputs, batch["labels"], batch.get("loss_weights"))
+    total, count, outputs = head.loss_sum(
+        model, inputs, batch["labels"], batch.get("loss_weights"), rows=batch["loss_rows"]
+    )
+    assert torch.equal(found, total)
+    assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == batch["loss_rows"].numel()
     assert outputs.logits.shape[1] == 0  # the model's forward ran without computing logits
     return total
 

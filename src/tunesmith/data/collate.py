@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+# Flat indices of the positions whose next-token label is trained, computed on the CPU for the fused loss
+# (training.fused_ce), which otherwise finds them on the device (a sync per micro-batch).
+LOSS_ROWS = "loss_rows"
 # transformers' FlashAttentionKwargs names: they flow from model(**batch) to every attention call.
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -57,6 +60,12 @@ def document_boundaries(
         if n < width:
             starts.append(base + n)
     return [*starts, len(lengths) * width]
+
+
+def loss_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (over [batch x time]) of the positions whose next token is a target."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    return (shifted != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def boundary_kwargs(cu: list[int], width: int) -> dict[str, Any]:
@@ -97,6 +106,7 @@ class CausalLMCollator:
             batch["attention_mask"] = _pad(
                 [[1] * len(f["input_ids"]) for f in features], 0, length, torch.long
             )
+        batch[LOSS_ROWS] = loss_rows(batch["labels"])
         if self.boundaries:
             packed = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
             cu = document_boundaries(packed, [len(f["input_ids"]) for f in features], length)
@@ -143,6 +153,7 @@ class CausalLMCollator:
             # the longest document, rounded up: fewer distinct values for compiled layers to see
             **boundary_kwargs(cu, min(length, -(-longest // 256) * 256)),
         }
+        batch[LOSS_ROWS] = loss_rows(batch["labels"])
         if any(f.get("weights") is not None for f in features):
             w: list[float] = []
             for f, n in zip(features, lens):

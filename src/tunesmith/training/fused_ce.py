@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from tunesmith.data.collate import BOUNDARY_KEYS
+from tunesmith.data.collate import BOUNDARY_KEYS, LOSS_ROWS
 
 IGNORE_INDEX = -100
 PROBE_TOKENS = 16
@@ -291,12 +291,14 @@ class FusedHead:
         inputs: Mapping[str, Any],
         labels: torch.Tensor,
         token_weights: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int, Any]:
         """(sum of next-token losses, supervised tokens, model outputs with empty logits) of one batch.
 
         ``model`` may be the wrapped one (DDP, PEFT): its forward runs as is, the head sees no tokens.
+        ``rows``: the batch's `loss_rows` from the collator (no device sync); found on the device if None.
         """
-        rows, hidden, targets, outputs = self._supervised(model, inputs, labels)
+        rows, hidden, targets, outputs = self._supervised(model, inputs, labels, rows)
         weights = None
         if token_weights is not None:  # a weight goes with its label, so it shifts with it
             weights = F.pad(token_weights[:, 1:], (0, 1)).reshape(-1).index_select(0, rows)
@@ -328,14 +330,18 @@ class FusedHead:
         return sums, counts, outputs
 
     def _supervised(
-        self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor
+        self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """(flat indices of the labelled positions, their hidden states, their targets, model outputs)."""
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        # The one data-dependent shape of the step (a device sync), taken before the forward is queued.
-        rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+        if rows is None:
+            # A data-dependent shape (a device sync), taken before the forward is queued; the collator's
+            # loss_rows spare it.
+            rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+        else:
+            rows = rows.to(shifted.device, non_blocking=True)
         with head_input(self.head) as seen:
-            outputs = model(**inputs)
+            outputs = model(**{k: v for k, v in inputs.items() if k != LOSS_ROWS})
         if len(seen) != 1:
             raise RuntimeError(f"the output head ran {len(seen)} times in one forward; the probe saw once")
         hidden = seen[0].reshape(-1, seen[0].shape[-1]).index_select(0, rows)
@@ -370,7 +376,7 @@ def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | No
     probe = {
         k: v[:1, :n] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v
         for k, v in inputs.items()
-        if k not in BOUNDARY_KEYS
+        if k not in BOUNDARY_KEYS and k != LOSS_ROWS
     }
     transform = LogitTransform.from_config(model.config)
     was_training = model.training

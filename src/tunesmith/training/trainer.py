@@ -8,8 +8,9 @@ supervised tokens of the window, whatever the micro-batch / accumulation split
 The loss is computed by default without materialising the logits (`training.fused_ce`); the plain path
 (the model's own loss, or `weighted_causal_lm_loss` on its logits) stays for what the fused one cannot do,
 and the reason is logged once. Token counts and the watchdog's loss checks stay on the device until a
-logging step, so tunesmith's bookkeeping does not sync per micro-batch; the fused loss's selection of the
-supervised rows does, once (a data-dependent shape), before the forward is queued.
+logging step, so tunesmith's bookkeeping does not sync per micro-batch; the fused loss takes its
+supervised rows (a data-dependent shape) from the collator (`loss_rows`, found on the CPU), and batches are
+copied to the GPU without blocking (`causal_lm.data_loading`), so a step has no host sync outside logging.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from tunesmith.data.collate import IGNORE_INDEX
+from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROWS
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
@@ -107,6 +108,7 @@ class TunesmithTrainer(Trainer):
 
         With the fused loss the returned outputs carry empty logits ([batch, 0, vocab]).
         """
+        rows = inputs.pop(LOSS_ROWS, None)  # never a model input
         needs_logits = return_outputs and (
             self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None
         )
@@ -119,7 +121,7 @@ class TunesmithTrainer(Trainer):
             outputs = model(**inputs)
             loss = weighted_causal_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
         else:
-            total, count, outputs = fused.loss_sum(model, inputs, labels, weights)
+            total, count, outputs = fused.loss_sum(model, inputs, labels, weights, rows)
             denom = num_items_in_batch if num_items_in_batch is not None else count
             loss = total / (denom.to(total.device) if isinstance(denom, torch.Tensor) else denom)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
