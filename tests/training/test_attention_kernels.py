@@ -73,3 +73,15 @@ def test_flex_attention_sees_packed_documents_apart(tiny_model_dir):
 def test_flex_attention_training_on_cpu_is_refused_with_the_fix(tiny_model_dir, sft_data, tmp_path):
     with pytest.raises(TunesmithError, match="flex trains on a CUDA GPU only.*use flash_attn: sdpa"):
         train(tiny_model_dir, sft_data, tmp_path / "o", flash_attn="flex", packing=True)
+
+
+def test_flex_on_a_gpu_warns_with_the_measurement(caplog):
+    from tunesmith.model.loader import resolve_attn
+
+    with caplog.at_level("WARNING", logger="tunesmith.model.loader"):
+        assert resolve_attn("flex", cuda=True, dtype=torch.bfloat16) == "flex_attention"
+    assert "5.9x slower than sdpa" in caplog.text and "profile_step_gpu-2026-11-28T0523Z-flex" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tunesmith.model.loader"):
+        resolve_attn("sdpa", cuda=True, dtype=torch.bfloat16)
+    assert "slower" not in caplog.text

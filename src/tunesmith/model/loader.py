@@ -27,7 +27,8 @@ _ATTN_NAMES = {
     "disabled": "eager",
     "fa2": "flash_attention_2",
     # PyTorch's flex attention: packed rows get a block mask per document, so the blocks between documents
-    # are skipped instead of computed and masked (sdpa's dense 4-D mask); compiled by transformers.
+    # are skipped instead of computed and masked (sdpa's dense 4-D mask); compiled by transformers. Measured
+    # 5.9x slower than sdpa on an H200 (bench/README.md), so a warning says so.
     "flex": "flex_attention",
     # PyTorch's flash-attention varlen kernel over each document of packed rows (tunesmith.model.varlen).
     "varlen": "tunesmith_varlen",
@@ -138,6 +139,12 @@ def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
         raise TunesmithError(
             "flash_attn: fa2 needs a CUDA GPU, bf16/fp16 and the flash-attn package "
             f"(cuda={cuda}, dtype={dtype}). Fix: pip install flash-attn, or use flash_attn: sdpa"
+        )
+    if attn == "flex" and cuda:
+        logger.warning(
+            "flash_attn: flex trained 5.9x slower than sdpa in tunesmith's benchmark (packed LoRA rows, H200, "
+            "torch 2.11: bench/results/profile_step_gpu-2026-11-28T0523Z-flex-h200.json); sdpa or varlen "
+            "is likely faster"
         )
     if attn == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         raise TunesmithError(
