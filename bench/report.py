@@ -168,6 +168,18 @@ def qlora_memory(d: dict) -> str | None:
     return "; ".join(cells)
 
 
+def varlen_gpu_check(d: dict) -> str | None:
+    if d.get("mode") != "gpu":
+        return None
+    c, ms, b = d["checks"], d["ms_per_fwd_bwd"], d["batch"]
+    verdict = "pass" if c["pass"] else "FAIL"
+    return (
+        f"varlen vs SDPA, {b['rows']} packed rows x {b['width']} ({b['documents']} documents): fwd+bwd "
+        f"{ms['varlen']} vs {ms['sdpa']} ms ({_x(ms['speedup'])}); loss rel diff {c['loss_rel_diff']:.1e}, "
+        f"max grad rel diff {max(c['grad_rel_l2_diff'].values()):.1e}: {verdict}"
+    )
+
+
 HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "train_throughput": train_throughput,
     "qlora_memory": qlora_memory,
@@ -175,6 +187,7 @@ HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "predict_throughput": predict_throughput,
     "multi_gpu": multi_gpu,
     "profile_step_gpu": profile_step_gpu,
+    "varlen_gpu_check": varlen_gpu_check,
     "dpo_gpu_memory": dpo_gpu_memory,
     "export_gpu_check": export_gpu_check,
 }
