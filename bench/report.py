@@ -173,10 +173,16 @@ def varlen_gpu_check(d: dict) -> str | None:
         return None
     c, ms, b = d["checks"], d["ms_per_fwd_bwd"], d["batch"]
     verdict = "pass" if c["pass"] else "FAIL"
-    return (
-        f"varlen vs SDPA, {b['rows']} packed rows x {b['width']} ({b['documents']} documents): fwd+bwd "
-        f"{ms['varlen']} vs {ms['sdpa']} ms ({_x(ms['speedup'])}); loss rel diff {c['loss_rel_diff']:.1e}, "
-        f"max grad rel diff {max(c['grad_rel_l2_diff'].values()):.1e}: {verdict}"
+    line = (
+        f"varlen vs SDPA, {b['rows']} packed rows x {b['width']} ({b['documents']} documents): whole-model "
+        f"fwd+bwd {ms['varlen']} vs {ms['sdpa']} ms ({_x(ms['speedup'])})"
+    )
+    dec = d.get("ms_per_decoder_fwd_bwd")
+    if dec:
+        line += f", decoder fwd+bwd {dec['varlen']} vs {dec['sdpa']} ms ({_x(dec['speedup'])})"
+    return line + (
+        f"; loss rel diff {c['loss_rel_diff']:.1e}, max grad rel diff "
+        f"{max(c['grad_rel_l2_diff'].values()):.1e}: {verdict}"
     )
 
 
