@@ -62,10 +62,14 @@ def document_boundaries(
     return [*starts, len(lengths) * width]
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The next-token target of every position, flattened over [batch x time] (IGNORE_INDEX at row ends)."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+
+
 def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (over [batch x time]) of the positions whose next token is a target."""
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    return (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+    return (shifted_labels(labels) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def boundary_kwargs(cu: list[int], width: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.varlen import ATTN_NAME as VARLEN_ATTN
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _ATTN_NAMES = {
     # 5.9x slower than sdpa on an H200 (bench/README.md), so a warning says so.
     "flex": "flex_attention",
     # PyTorch's flash-attention varlen kernel over each document of packed rows (tunesmith.model.varlen).
-    "varlen": "tunesmith_varlen",
+    "varlen": VARLEN_ATTN,
 }
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16,
@@ -232,7 +233,7 @@ def load_model(
             "config.json and weights, or a hub id already in the local cache"
         ) from e
 
-    if chosen_attn == "tunesmith_varlen":
+    if chosen_attn == VARLEN_ATTN:
         from tunesmith.model.varlen import check_model
 
         check_model(model.config)

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from tunesmith.data.collate import BOUNDARY_KEYS, LOSS_ROWS
+from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels
 
-IGNORE_INDEX = -100
 PROBE_TOKENS = 16
 PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
 
@@ -333,11 +332,11 @@ class FusedHead:
         self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """(flat indices of the labelled positions, their hidden states, their targets, model outputs)."""
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        shifted = shifted_labels(labels)
+        # Found on the device, the rows are a data-dependent shape (a device sync) taken before the forward
+        # is queued; the collator's loss_rows spare it.
         if rows is None:
-            # A data-dependent shape (a device sync), taken before the forward is queued; the collator's
-            # loss_rows spare it.
-            rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+            rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)  # as collate.loss_rows does on the CPU
         else:
             rows = rows.to(shifted.device, non_blocking=True)
         with head_input(self.head) as seen:
