@@ -3,7 +3,6 @@ handling, log summary, goals; the --cpu-smoke run end to end; the context step o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -238,9 +237,6 @@ def test_a_second_run_reuses_the_built_model(smoke: tuple[int, dict, Path]) -> N
     assert again["built"] is False and again["config"] == res["model_config"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (CPU backend)"
-)
 def test_the_context_step_trains_lora_on_a_4bit_model(smoke: tuple[int, dict, Path]) -> None:
     """What the GPU run does, on bitsandbytes' CPU backend: tunesmith's loader is CUDA-only for 4-bit."""
     import torch

@@ -139,8 +139,7 @@ def test_without_the_field_the_last_label_is_not_a_stop_token():
 
 def test_same_tokens_through_the_fast_bpe_twin():
     fast = fast_bpe_for(TOK)
-    if fast is None:
-        pytest.skip("no verified tiktoken twin for the tiny tokenizer")
+    assert fast is not None, "the tiny byte-level BPE tokenizer has a verified tiktoken twin"
     rows = [{"messages": conv("Name a color.", "Red.", "Another?", "Blue.")}, {"messages": conv("Hi", "Yo")}]
     for t in templates():
         slow = sft_batch(rows, codec=codec_for(t, TOK), cutoff_len=1024).columns

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import replace
 
@@ -326,9 +325,6 @@ def test_trainable_summary_format(model):
     assert float(match.group(3)) == round(100 * trainable / total, 1)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (CPU backend)"
-)
 def test_qlora_keeps_the_frozen_16bit_weights_in_their_dtype(tiny_model_dir):
     """Only the adapters train; embeddings, head and norms stay bf16 (peft's kbit preparation would make
     them fp32: 2 GiB more for an 8B Llama); the 4-bit layers stay 4-bit."""
