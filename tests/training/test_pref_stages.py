@@ -278,3 +278,15 @@ def test_dpo_lora_with_torch_compile_gives_the_eager_losses(tiny_model_dir, pref
     assert len(losses["compiled"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert all(abs(loss - math.log(2)) > 1e-4 for loss in losses["compiled"][1:])  # the policy moved
+
+
+def test_dpo_loads_its_models_without_padding_free(monkeypatch, tiny_model_dir, pref_dir, tmp_path):
+    """DPO batches carry no document boundaries, so `flash_attn: auto` must not pick varlen for them."""
+    from tunesmith.model import loader
+
+    seen, original = [], loader.load_model
+    monkeypatch.setattr(
+        loader, "load_model", lambda *a, **kw: seen.append(kw.get("padding_free")) or original(*a, **kw)
+    )
+    _train(tiny_model_dir, pref_dir, tmp_path / "dpo", "dpo", max_steps=1, finetuning_type="lora")
+    assert seen and not any(seen)

@@ -120,7 +120,7 @@ def test_flash_adapter_maps_causality_scale_and_gqa(monkeypatch):
     api = varlen.KernelApi.of(_reference_kernel)
     assert api == varlen.KernelApi(window=True, scale=True, gqa=True)
     torch.manual_seed(2)
-    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    q, k, v = (torch.randn(20, h, 8, dtype=torch.bfloat16) for h in (4, 2, 2))
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     want = varlen.reference_varlen(q, k, v, cu, 13, 0.3, None)
     torch.testing.assert_close(varlen.flash_varlen(q, k, v, cu, 13, 0.3, None, api), want)
@@ -136,9 +136,36 @@ def test_flash_adapter_maps_causality_scale_and_gqa(monkeypatch):
     monkeypatch.setattr(torch_varlen, "varlen_attn", old_api)
     old = varlen.KernelApi.of(old_api)
     assert old == varlen.KernelApi(window=False, scale=False, gqa=False)
-    torch.testing.assert_close(varlen.flash_varlen(q, k, v, cu, 13, 0.3, None, old), want)
+    # the scale is folded into q (one more bf16 rounding)
+    torch.testing.assert_close(
+        varlen.flash_varlen(q, k, v, cu, 13, 0.3, None, old), want, atol=0.01, rtol=0.02
+    )
     with pytest.raises(TunesmithError, match="sliding-window.*upgrade torch"):
         varlen.flash_varlen(q, k, v, cu, 13, 0.3, 4, old)
+
+
+def test_fp32_activations_reach_the_kernel_in_the_autocast_dtype_or_are_refused(monkeypatch):
+    """Full fine-tuning keeps fp32 weights under bf16 autocast: q/k/v arrive in fp32 (found on an H200)."""
+    from torch.nn.attention import varlen as torch_varlen
+
+    seen = []
+
+    def kernel(query, key, value, *args, **kw):
+        seen.append({x.dtype for x in (query, key, value)})
+        return _reference_kernel(query, key, value, *args, **kw)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", kernel)
+    api = varlen.KernelApi(window=True, scale=True, gqa=True)
+    q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen.flash_varlen(q, k, v, cu, 7, 8**-0.5, None, api)
+    assert seen == [{torch.bfloat16}] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(), varlen.reference_varlen(q, k, v, cu, 7, 8**-0.5, None), atol=0.03, rtol=0.03
+    )
+    with pytest.raises(TunesmithError, match="float32 without mixed precision.*bf16: true"):
+        varlen.flash_varlen(q, k, v, cu, 7, 8**-0.5, None, api)
 
 
 def test_preflight_refuses_fp32_and_reports_a_failing_kernel(monkeypatch):
@@ -220,3 +247,48 @@ def test_models_with_soft_capped_attention_are_refused_when_loaded():
         varlen.check_model(Gemma2Config())
     with pytest.raises(TunesmithError, match="attention dropout"):
         varlen.check_model(Qwen2Config(attention_dropout=0.1))
+
+
+def test_auto_picks_varlen_on_a_gpu_for_padding_free_training_only(monkeypatch):
+    """`flash_attn: auto` -> varlen for pt/sft training on a GPU (1.41x SDPA's tokens/s, compiled, H100),
+    sdpa where varlen cannot compute the model, cannot run here, or no boundaries will come."""
+    from transformers import Gemma2Config, Qwen2Config
+
+    from tunesmith.model import loader
+
+    calls = []
+    monkeypatch.setattr(varlen, "register", lambda **kw: calls.append(kw) or varlen.ATTN_NAME)
+    bf16, qwen = torch.bfloat16, Qwen2Config(attention_dropout=0.0)
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == varlen.ATTN_NAME
+    assert calls == [{"cuda": True, "dtype": bf16}]
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16) == "sdpa"  # no boundaries: DPO, inference
+    assert loader.resolve_attn("auto", cuda=False, dtype=torch.float32, padding_free_config=qwen) == "sdpa"
+    assert loader.resolve_attn("auto", cuda=True, dtype=torch.float32, padding_free_config=qwen) == "sdpa"
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=Gemma2Config()) == "sdpa"
+
+    def failing(**kw):
+        raise TunesmithError("flash_attn: varlen: ... failed a forward + backward")
+
+    monkeypatch.setattr(varlen, "register", failing)
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == "sdpa"
+    monkeypatch.setattr(varlen, "available", lambda: False)
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == "sdpa"
+
+
+def test_pt_and_sft_training_load_their_model_padding_free(monkeypatch, tiny_model_dir, tmp_path):
+    """... so `auto` may pick varlen there (DPO's counterpart is in test_pref_stages)."""
+    from tunesmith.model import loader
+
+    seen, original = [], loader.load_model
+    monkeypatch.setattr(
+        loader, "load_model", lambda *a, **kw: seen.append(kw.get("padding_free")) or original(*a, **kw)
+    )
+    train(
+        tiny_model_dir,
+        write_pt_data(tmp_path / "d.json"),
+        tmp_path / "out",
+        stage="pt",
+        max_steps=1,
+        cutoff_len=64,
+    )
+    assert seen == [True]

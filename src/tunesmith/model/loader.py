@@ -125,13 +125,19 @@ def embedding_rows(model: Any) -> int:
     return int(shape[0] if shape is not None else weight.shape[0])
 
 
-def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
-    """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision), else sdpa."""
+def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype, padding_free_config: Any = None) -> str:
+    """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision); else, for a training
+    whose collator sends document boundaries (`padding_free_config`: the model's config), PyTorch's varlen
+    attention when this torch has it and the model's attention is one it computes; else sdpa."""
     from transformers.utils import is_flash_attn_2_available
 
     half = dtype in (torch.bfloat16, torch.float16)
     if attn == "auto":
-        return "flash_attention_2" if cuda and half and is_flash_attn_2_available() else "sdpa"
+        if cuda and half and is_flash_attn_2_available():
+            return "flash_attention_2"
+        if cuda and half and padding_free_config is not None:
+            return _auto_varlen(padding_free_config, dtype)
+        return "sdpa"
     if attn not in _ATTN_NAMES:
         raise TunesmithError(
             f"flash_attn: unknown value {attn!r}; allowed: auto, {', '.join(_ATTN_NAMES)}. Fix: use auto"
@@ -162,6 +168,25 @@ def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype) -> str:
             )
         return varlen.register(cuda=cuda, dtype=dtype)
     return _ATTN_NAMES[attn]
+
+
+def _auto_varlen(config: Any, dtype: torch.dtype) -> str:
+    """varlen for `auto` (1.41x SDPA's trained tokens/s, compiled packed LoRA on an H100:
+    bench/results/train_throughput-2026-11-28T0703Z-qwen-lora-varlen-h100.json), sdpa where it cannot run."""
+    from tunesmith.model import varlen
+
+    if not varlen.available():
+        return "sdpa"
+    if varlen.unsupported(config):
+        logger.info(
+            "flash_attn: auto: sdpa, since varlen does not compute %s", ", ".join(varlen.unsupported(config))
+        )
+        return "sdpa"
+    try:
+        return varlen.register(cuda=True, dtype=dtype)
+    except TunesmithError as e:  # this torch's kernel cannot train on this GPU: sdpa, and say why
+        logger.warning("flash_attn: auto: using sdpa; %s", e)
+        return "sdpa"
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype, *, cuda: bool) -> Any:
@@ -201,6 +226,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     tokenizer: Any = None,
     resize_vocab: bool = False,
+    padding_free: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for training, resolving every `auto` choice (see `LoadedModel`).
 
@@ -209,15 +235,22 @@ def load_model(
     resize_vocab: the tokenizer gained tokens (LLaMA-Factory's key; set it whenever new_special_tokens
     were added), so the embeddings and head must be trained even when no rows had to be added.
     gradient_checkpointing: None means on with a GPU, off on CPU.
+    padding_free: the caller's collator sends document boundaries when the attention is varlen (pt and sft
+    training), so `auto` may pick varlen on a GPU.
     """
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     chosen_dtype = resolve_dtype(dtype, cuda=cuda)
     kwargs: dict[str, Any] = {"dtype": chosen_dtype, "trust_remote_code": trust_remote_code}
-    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype)
-    # For auto without flash-attn, transformers picks sdpa where the model supports it, else eager.
-    if attn != "auto" or chosen_attn == "flash_attention_2":
+    config = None
+    if attn == "auto" and padding_free and cuda:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype, padding_free_config=config)
+    # For auto and sdpa, transformers picks sdpa where the model supports it, else eager.
+    if attn != "auto" or chosen_attn != "sdpa":
         kwargs["attn_implementation"] = chosen_attn
     if quantization_bit is not None:
         kwargs["quantization_config"] = quantization_config(quantization_bit, chosen_dtype, cuda=cuda)

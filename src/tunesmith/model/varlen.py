@@ -65,11 +65,10 @@ def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
     return ATTN_NAME
 
 
-def check_model(config: Any) -> None:
-    """Refuse, right after loading, a model whose attention varlen cannot compute (rather than at the
-    first forward, after the data is prepared)."""
+def unsupported(config: Any) -> list[str]:
+    """What of this model's attention varlen cannot compute (empty: it can)."""
     text = config.get_text_config()
-    found = [
+    return [
         what
         for what, on in (
             (
@@ -81,6 +80,12 @@ def check_model(config: Any) -> None:
         )
         if on
     ]
+
+
+def check_model(config: Any) -> None:
+    """Refuse, right after loading, a model whose attention varlen cannot compute (rather than at the
+    first forward, after the data is prepared)."""
+    found = unsupported(config)
     if found:
         raise TunesmithError(
             f"flash_attn: varlen: {type(config).__name__} uses {', '.join(found)}, which varlen attention does "
@@ -123,6 +128,21 @@ def preflight(api: KernelApi, dtype: torch.dtype) -> None:
         ) from e
 
 
+def kernel_inputs(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in a dtype the flash kernel takes: fp32 activations (full fine-tuning keeps fp32 weights under
+    bf16/fp16 autocast, and RoPE's fp32 cos/sin upcast q and k) go to the autocast dtype, as SDPA's would."""
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        return xs
+    kind = xs[0].device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        return tuple(x.to(dtype) for x in xs)
+    raise TunesmithError(
+        f"flash_attn: varlen computes attention in bf16 or fp16, but this step runs it in {xs[0].dtype} "
+        "without mixed precision. Fix: set bf16: true (or fp16: true), or use flash_attn: sdpa"
+    )
+
+
 def flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float,
     window: int | None, api: KernelApi,
@@ -130,6 +150,7 @@ def flash_varlen(
     """Causal attention of each document: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D] (CUDA flash kernel)."""
     from torch.nn.attention.varlen import varlen_attn
 
+    q, k, v = kernel_inputs(q, k, v)
     kw: dict[str, Any] = {}
     if api.window:
         kw["window_size"] = (window - 1 if window else -1, 0)

@@ -172,7 +172,7 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
     return TrainingArguments(**kw)
 
 
-def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
+def _load_model(cfg: Config, tokenizer: Any, dtype: str, *, padding_free: bool = False) -> Any:
     import torch
 
     from tunesmith.model.loader import load_model
@@ -193,6 +193,7 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str) -> Any:
         quantization_bit=m.quantization_bit,
         tokenizer=tokenizer,
         resize_vocab=m.resize_vocab or bool(m.new_special_tokens),
+        padding_free=padding_free,
     )
     options = TuningOptions(
         finetuning_type=f.finetuning_type,

@@ -85,7 +85,8 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     # New LoRA weights (and value heads) are drawn while loading, before the Trainer seeds: seed first,
     # so that a run repeats.
     set_seed(cfg.training.seed)
-    tuned = _load_model(cfg, tokenizer, dtype)
+    # pt and sft batches carry document boundaries under varlen (train_causal_lm's collator)
+    tuned = _load_model(cfg, tokenizer, dtype, padding_free=kind in ("pt", "sft"))
     hf = cfg.training.hf
     if hf.get("torch_compile"):  # with FSDP or ZeRO-3 it is refused when the config loads
         from tunesmith.model.compile import compile_decoder_layers
