@@ -208,8 +208,9 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
 
     multi_gpu keeps one row per method set, engine set and --set options; predict_throughput keeps the
     newest throughput run and the newest identity check; train_throughput keeps the newest run and the
-    newest run with A/B (--extra-side) sides; profile_step_gpu the newest profiled run and the newest
-    timing-only run.
+    newest run per set of A/B (--extra-side) sides; profile_step_gpu the newest profiled run and the newest
+    timing-only run per variant set; qlora_memory the newest run with the 2048 goal and the newest
+    context-only search.
     """
     found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
     for path in sorted(results.glob("*.json")):
@@ -229,10 +230,21 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
         if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
             sub = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"])) + ":"
             sub += "+".join(c["engine"] for c in d["comparisons"]) + ":" + json.dumps(d.get("sets") or {})
-        elif kind == "train_throughput":  # a run with A/B sides keeps its own row
-            sub = "ab" if d.get("settings", {}).get("extra_sides") else ""
-        elif kind == "profile_step_gpu":  # the newest profiled run, and the newest timing-only run
-            sub = "profile" if d.get("profile") else "timing"
+        elif kind == "train_throughput":  # a run with A/B sides keeps a row per set of A/B sides
+            extra = d.get("settings", {}).get("extra_sides")
+            sub = "ab:" + ",".join(sorted(extra)) if extra else ""
+        elif kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
+            sub = (
+                "profile"
+                if d.get("profile")
+                else "timing:" + ",".join(sorted(v["name"] for v in d["variants"]))
+            )
+        elif kind == "qlora_memory":  # the 2048 goal and a context-only search keep their own rows
+            sub = (
+                "context"
+                if (d.get("goals") or {}).get("qlora_2048_peak_le_7gib", {}).get("value_gib") is None
+                else ""
+            )
         elif kind == "predict_throughput":
             sub = "ratio" if d.get("ratio") else "check"
         key = (kind, sub)

@@ -28,7 +28,8 @@ class ModelArgs:
     model_revision: str = opt("main", "Model revision: branch, tag or commit id.")
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "flex", "varlen"] = opt(
         "auto",
-        "Attention implementation (flex: PyTorch flex attention, skips cross-document blocks of packed rows; "
+        "Attention implementation (auto: flash-attn if installed, else varlen for pt/sft training on a GPU, "
+        "else sdpa; flex: PyTorch flex attention, skips cross-document blocks of packed rows; "
         "varlen: PyTorch's flash varlen kernel, one document at a time, no mask).",
     )
     quantization_bit: int | None = opt(None, "Load the model quantized to 4 or 8 bits (QLoRA).")
