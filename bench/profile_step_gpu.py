@@ -35,7 +35,9 @@ BASE = {
     "lora_rank": 8, "seed": 0,
 }  # fmt: skip
 VARIANTS = {
-    "default": {},
+    "default": {},  # on a GPU, flash_attn: auto is varlen here (padding-free rows)
+    "default_sdpa": {"flash_attn": "sdpa"},  # the default before varlen: padded rows
+    "default_compile": {"torch_compile": True},
     "no_grad_ckpt": {"disable_gradient_checkpointing": True},
     "packing": {"packing": True},
     "packing_no_ckpt": {"packing": True, "disable_gradient_checkpointing": True},

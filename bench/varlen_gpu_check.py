@@ -123,10 +123,13 @@ def main() -> int:
               "last.down_proj": layers[-1].mlp.down_proj.weight}  # fmt: skip
 
     def logits(batch: dict) -> torch.Tensor:
+        """On the CPU: two [tokens x vocab] fp32 copies kept on the GPU ran an H100 out of memory."""
         with torch.no_grad():
-            return model(
-                **{k: v for k, v in batch.items() if k not in ("labels", "loss_rows")}
-            ).logits.float()
+            return (
+                model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_rows")})
+                .logits.cpu()
+                .float()
+            )
 
     loss_sdpa, grads_sdpa = step(model, to_dev, params)
     logits_sdpa = logits(to_dev)
