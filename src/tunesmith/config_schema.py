@@ -44,8 +44,11 @@ class ModelArgs:
     resize_vocab: bool = opt(
         False, "Train (and save) the embeddings and output head, e.g. after adding tokens."
     )
-    disable_gradient_checkpointing: bool = opt(
-        False, "Turn off gradient checkpointing (on by default on GPU)."
+    disable_gradient_checkpointing: bool | None = opt(
+        None,
+        "true: gradient checkpointing off; false: on. Unset: pt/sft on a GPU (one process or DDP, not QLoRA) "
+        "turn it off when the run fits in half the GPU's memory without it (measured at start, logged); "
+        "otherwise on with a GPU, off on CPU.",
     )
 
 

@@ -172,7 +172,11 @@ def training_arguments(cfg: Config, has_eval: bool, precision: dict[str, bool]) 
     return TrainingArguments(**kw)
 
 
-def _load_model(cfg: Config, tokenizer: Any, dtype: str, *, padding_free: bool = False) -> Any:
+def _load_model(
+    cfg: Config, tokenizer: Any, dtype: str, *, padding_free: bool = False, defer_checkpointing: bool = False
+) -> Any:
+    """Load and tune the model. defer_checkpointing: load without gradient checkpointing, for
+    `run_steps.auto_checkpointing` to decide once the model is on its GPU."""
     import torch
 
     from tunesmith.model.loader import load_model
@@ -188,7 +192,7 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str, *, padding_free: bool =
         require_model(cfg),
         dtype=dtype,
         attn=m.flash_attn,
-        gradient_checkpointing=False if m.disable_gradient_checkpointing else None,
+        gradient_checkpointing=_checkpointing(m.disable_gradient_checkpointing, defer_checkpointing),
         trust_remote_code=m.trust_remote_code,
         quantization_bit=m.quantization_bit,
         tokenizer=tokenizer,
@@ -225,9 +229,21 @@ def _load_model(cfg: Config, tokenizer: Any, dtype: str, *, padding_free: bool =
         require_model(cfg),
         dtype,
         loaded.attn_implementation,
-        "on" if loaded.gradient_checkpointing else "off",
+        "auto (decided on the GPU)"
+        if defer_checkpointing
+        else "on"
+        if loaded.gradient_checkpointing
+        else "off",
     )
     return tuned
+
+
+def _checkpointing(disable: bool | None, deferred: bool) -> bool | None:
+    """load_model's gradient_checkpointing: unset -> None (on with a GPU), LLaMA-Factory's meaning when set
+    (false: on, true: off); off for now when `auto` decides later."""
+    if deferred:
+        return False
+    return None if disable is None else not disable
 
 
 def _dtype_summary(model: Any) -> str:

@@ -11,13 +11,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.config import Config, write_resolved_config
 from tunesmith.errors import TunesmithError
 from tunesmith.launcher import LaunchEnv, configure_logging, read_launch_env
 from tunesmith.training.distributed import engine_label, local_main_first
 from tunesmith.training.setup import DataBundle, prepare_data, require_model, template_for
+
+if TYPE_CHECKING:
+    from tunesmith.training.checkpoint_plan import CheckpointPlan
 
 log = logging.getLogger("tunesmith")
 
@@ -85,9 +88,25 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     # New LoRA weights (and value heads) are drawn while loading, before the Trainer seeds: seed first,
     # so that a run repeats.
     set_seed(cfg.training.seed)
-    # pt and sft batches carry document boundaries under varlen (train_causal_lm's collator)
-    tuned = _load_model(cfg, tokenizer, dtype, padding_free=kind in ("pt", "sft"))
+    import torch
+
+    from tunesmith.training import checkpoint_plan
+
     hf = cfg.training.hf
+    auto_ckpt = checkpoint_plan.decides(
+        disable=cfg.model.disable_gradient_checkpointing,
+        kind=kind,
+        quantized=bool(cfg.model.quantization_bit),
+        sharded=bool(hf.get("deepspeed") or hf.get("fsdp")),
+        cuda=torch.cuda.is_available(),
+    )
+    # pt and sft batches carry document boundaries under varlen (train_causal_lm's collator)
+    tuned = _load_model(
+        cfg, tokenizer, dtype, padding_free=kind in ("pt", "sft"), defer_checkpointing=auto_ckpt
+    )
+    if auto_ckpt:
+        auto_checkpointing(tuned.model, tokens=args.per_device_train_batch_size * cfg.data.cutoff_len,
+                           device=args.device, precision=precision)  # fmt: skip
     if hf.get("torch_compile"):  # with FSDP or ZeRO-3 it is refused when the config loads
         from tunesmith.model.compile import compile_decoder_layers
 
@@ -108,6 +127,38 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     return RunStart(
         cfg, launch, out, resume, dtype, precision, tokenizer, template, args, data, tuned, manifest
     )
+
+
+def auto_checkpointing(
+    model: Any, *, tokens: int, device: Any, precision: dict[str, bool], device_bytes: int | None = None
+) -> CheckpointPlan:
+    """Gradient checkpointing `auto` (training.checkpoint_plan): measured on ``device``, turned on if the
+    run does not fit in half the card without it; logged with its numbers."""
+    import torch
+
+    from tunesmith.model.loader import embedding_rows, enable_gradient_checkpointing
+    from tunesmith.training import checkpoint_plan
+    from tunesmith.training.lora_casting import casting_layers, inputs_uncast
+
+    autocast = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else None
+    layers = casting_layers(model) if autocast else []
+    found = checkpoint_plan.decide(
+        model,
+        tokens=tokens,
+        vocab_size=embedding_rows(model),
+        device=torch.device(device),
+        autocast_dtype=autocast,
+        uncast=lambda: inputs_uncast(layers),
+        device_bytes=device_bytes,
+    )
+    if found.on:
+        enable_gradient_checkpointing(model)
+    state, other = ("on", "true") if found.on else ("off", "false")
+    log.info(
+        "gradient checkpointing %s (auto): %s. Set disable_gradient_checkpointing: %s to have it %s",
+        state, found.reason, other, "off" if found.on else "on",
+    )  # fmt: skip
+    return found
 
 
 def finish_run(
