@@ -137,3 +137,15 @@ def test_sft_training_decides_on_its_device_and_trains(
     assert f"gradient checkpointing {state} (auto): about" in err
     assert "gradient checkpointing auto (decided on the GPU)" in err
     assert len(logged_losses(tmp_path / "out")) == 2
+
+
+def test_a_failing_probe_leaves_checkpointing_on(monkeypatch, lora_model):
+    def broken(*a, **kw):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(cp, "activation_bytes_per_token", broken)
+    found = auto_checkpointing(
+        lora_model, tokens=64, device="cpu", precision={"bf16": False, "fp16": False}, device_bytes=GIB
+    )
+    assert found.on and "probe failed (RuntimeError: CUDA error: out of memory)" in found.reason
+    assert lora_model.base_model.model.is_gradient_checkpointing

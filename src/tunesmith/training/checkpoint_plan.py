@@ -109,7 +109,10 @@ def activation_bytes_per_token(
                 ),
                 uncast(),
             ):
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                try:
+                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                except TypeError:  # custom modelling code without logits_to_keep: its logits are not saved
+                    model(input_ids=ids, use_cache=False)
 
         return run
 

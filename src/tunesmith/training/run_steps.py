@@ -142,15 +142,18 @@ def auto_checkpointing(
 
     autocast = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else None
     layers = casting_layers(model) if autocast else []
-    found = checkpoint_plan.decide(
-        model,
-        tokens=tokens,
-        vocab_size=embedding_rows(model),
-        device=torch.device(device),
-        autocast_dtype=autocast,
-        uncast=lambda: inputs_uncast(layers),
-        device_bytes=device_bytes,
-    )
+    try:
+        found = checkpoint_plan.decide(
+            model,
+            tokens=tokens,
+            vocab_size=embedding_rows(model),
+            device=torch.device(device),
+            autocast_dtype=autocast,
+            uncast=lambda: inputs_uncast(layers),
+            device_bytes=device_bytes,
+        )
+    except (RuntimeError, TypeError, ValueError) as e:  # a probe must not stop a run: fall back to on
+        found = checkpoint_plan.CheckpointPlan(True, f"the activation probe failed ({type(e).__name__}: {e})")
     if found.on:
         enable_gradient_checkpointing(model)
     state, other = ("on", "true") if found.on else ("off", "false")
