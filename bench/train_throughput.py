@@ -81,6 +81,17 @@ BENCH = Path(__file__).resolve().parent
 LLAMA_TOKENIZER = SHARED / "fixtures" / "hf_tokenizers" / "llama-3.2-instruct"
 MIN_RUN_S = 60  # a run is started only with at least this much of --budget-s left
 _TS_MODEL_LINE = re.compile(r"attention (\S+) \| gradient checkpointing (\w+)")
+_TS_AUTO_CKPT_LINE = re.compile(r"gradient checkpointing (on|off) \(auto\)")  # decided on the GPU, later
+
+
+def ts_model_info(output: str) -> dict:
+    """Attention and gradient checkpointing from tunesmith's log (`auto` checkpointing is decided later)."""
+    found = _TS_MODEL_LINE.search(output)
+    info = {"attn_implementation": found[1], "gradient_checkpointing": found[2] == "on"} if found else {}
+    auto = _TS_AUTO_CKPT_LINE.search(output)
+    if auto:
+        info |= {"gradient_checkpointing": auto[1] == "on", "gradient_checkpointing_auto": True}
+    return info
 
 
 def build_llama(out: Path, tokenizer_dir: Path) -> Path:
@@ -168,8 +179,7 @@ def run_side(
         cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(path)]
         rc, output, wall = run_cli(cmd, child_env(a, 1, "ddp"), timeout)
         records = _records(out / "trainer_log.jsonl", keys)
-        found = _TS_MODEL_LINE.search(output)
-        info = {"attn_implementation": found[1], "gradient_checkpointing": found[2] == "on"} if found else {}
+        info = ts_model_info(output)
     else:
         args_path, log, info_path = (
             a.work / f"{name}{ext}" for ext in (".json", ".steps.jsonl", ".info.json")

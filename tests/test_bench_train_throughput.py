@@ -229,3 +229,22 @@ def test_budget_skips_and_merge_keeps_runs(tmp_path: Path) -> None:
     merged = tmp_path / "merged.json"
     assert train_throughput.main([*base, "--merge", str(earlier), "--out", str(merged)]) == 0
     assert json.loads(merged.read_text())["runs"] == finished
+
+
+def test_tunesmith_model_line_and_the_later_auto_checkpointing_decision_are_read():
+    import train_throughput
+
+    line = "[tunesmith] model: m | dtype bfloat16 | attention tunesmith_varlen | gradient checkpointing "
+    assert train_throughput.ts_model_info(line + "on\n") == {
+        "attn_implementation": "tunesmith_varlen",
+        "gradient_checkpointing": True,
+    }
+    auto = (
+        line
+        + "auto (decided on the GPU)\n[tunesmith] gradient checkpointing off (auto): about 26.0 GiB ...\n"
+    )
+    assert train_throughput.ts_model_info(auto) == {
+        "attn_implementation": "tunesmith_varlen",
+        "gradient_checkpointing": False,
+        "gradient_checkpointing_auto": True,
+    }
