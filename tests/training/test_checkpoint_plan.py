@@ -149,3 +149,23 @@ def test_a_failing_probe_leaves_checkpointing_on(monkeypatch, lora_model):
     )
     assert found.on and "probe failed (RuntimeError: CUDA error: out of memory)" in found.reason
     assert lora_model.base_model.model.is_gradient_checkpointing
+
+
+def test_a_varlen_model_is_probed_through_its_boundaries(tiny_model_dir, monkeypatch):
+    """Without boundaries varlen takes its masked-SDPA path, which can fall to the quadratic math kernel on a
+    GPU (GQA with a mask): the probe must measure the path training takes."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.model import varlen
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=varlen.register())
+    vocab = model.get_input_embeddings().num_embeddings
+    documents, original = [], varlen.reference_varlen
+    monkeypatch.setattr(
+        varlen, "reference_varlen", lambda *a: documents.append(a[3].tolist()) or original(*a)
+    )
+    per_token = cp.activation_bytes_per_token(
+        model, vocab_size=vocab, device=torch.device("cpu"), autocast_dtype=None, uncast=_nothing
+    )
+    assert per_token and per_token > 0
+    assert [0, 512] in documents  # the one document of the 512-token probe, through the varlen path

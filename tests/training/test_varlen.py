@@ -166,6 +166,13 @@ def test_fp32_activations_reach_the_kernel_in_the_autocast_dtype_or_are_refused(
     )
     with pytest.raises(TunesmithError, match="float32 without mixed precision.*bf16: true"):
         varlen.flash_varlen(q, k, v, cu, 7, 8**-0.5, None, api)
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # q already half, v still fp32: both reach the kernel in bf16
+        varlen.flash_varlen(q.bfloat16(), k, v, cu, 7, 8**-0.5, None, api)
+    assert seen[-1] == {torch.bfloat16}
+    with pytest.raises(TunesmithError, match="torch.bfloat16, torch.float32 without mixed precision"):
+        varlen.flash_varlen(q.bfloat16(), k, v, cu, 7, 8**-0.5, None, api)
 
 
 def test_preflight_refuses_fp32_and_reports_a_failing_kernel(monkeypatch):
@@ -259,20 +266,43 @@ def test_auto_picks_varlen_on_a_gpu_for_padding_free_training_only(monkeypatch):
     calls = []
     monkeypatch.setattr(varlen, "register", lambda **kw: calls.append(kw) or varlen.ATTN_NAME)
     bf16, qwen = torch.bfloat16, Qwen2Config(attention_dropout=0.0)
-    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == varlen.ATTN_NAME
-    assert calls == [{"cuda": True, "dtype": bf16}]
-    assert loader.resolve_attn("auto", cuda=True, dtype=bf16) == "sdpa"  # no boundaries: DPO, inference
-    assert loader.resolve_attn("auto", cuda=False, dtype=torch.float32, padding_free_config=qwen) == "sdpa"
-    assert loader.resolve_attn("auto", cuda=True, dtype=torch.float32, padding_free_config=qwen) == "sdpa"
-    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=Gemma2Config()) == "sdpa"
+    assert (
+        loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen, padding_free=True) == varlen.ATTN_NAME
+    )
+    assert calls == [
+        {"cuda": True, "dtype": bf16, "head_size": 128}
+    ]  # the preflight runs at the model's head size
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen) == "sdpa"  # no boundaries: DPO
+    assert (
+        loader.resolve_attn("auto", cuda=False, dtype=torch.float32, config=qwen, padding_free=True) == "sdpa"
+    )
+    assert (
+        loader.resolve_attn("auto", cuda=True, dtype=torch.float32, config=qwen, padding_free=True) == "sdpa"
+    )
+    assert (
+        loader.resolve_attn("auto", cuda=True, dtype=bf16, config=Gemma2Config(), padding_free=True) == "sdpa"
+    )
+
+    # models with their own attention code (bloom, falcon, ...) and remote code would ignore the boundaries
+    from transformers import BloomConfig
+
+    assert (
+        loader.resolve_attn("auto", cuda=True, dtype=bf16, config=BloomConfig(), padding_free=True) == "sdpa"
+    )
+    remote = Qwen2Config(attention_dropout=0.0)
+    remote.auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, config=remote, padding_free=True) == "sdpa"
+    with pytest.raises(TunesmithError, match="BloomConfig uses its own attention code.*flash_attn: sdpa"):
+        varlen.check_model(BloomConfig())
+    assert len(calls) == 1
 
     def failing(**kw):
         raise TunesmithError("flash_attn: varlen: ... failed a forward + backward")
 
     monkeypatch.setattr(varlen, "register", failing)
-    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == "sdpa"
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen, padding_free=True) == "sdpa"
     monkeypatch.setattr(varlen, "available", lambda: False)
-    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, padding_free_config=qwen) == "sdpa"
+    assert loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen, padding_free=True) == "sdpa"
 
 
 def test_pt_and_sft_training_load_their_model_padding_free(monkeypatch, tiny_model_dir, tmp_path):

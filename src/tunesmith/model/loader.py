@@ -125,18 +125,20 @@ def embedding_rows(model: Any) -> int:
     return int(shape[0] if shape is not None else weight.shape[0])
 
 
-def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype, padding_free_config: Any = None) -> str:
+def resolve_attn(
+    attn: str, *, cuda: bool, dtype: torch.dtype, config: Any = None, padding_free: bool = False
+) -> str:
     """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision); else, for a training
-    whose collator sends document boundaries (`padding_free_config`: the model's config), PyTorch's varlen
-    attention when this torch has it and the model's attention is one it computes; else sdpa."""
+    whose collator sends document boundaries (`padding_free`), PyTorch's varlen attention when this torch
+    has it and the model's attention (`config`) is one it computes; else sdpa."""
     from transformers.utils import is_flash_attn_2_available
 
     half = dtype in (torch.bfloat16, torch.float16)
     if attn == "auto":
         if cuda and half and is_flash_attn_2_available():
             return "flash_attention_2"
-        if cuda and half and padding_free_config is not None:
-            return _auto_varlen(padding_free_config, dtype)
+        if cuda and half and padding_free and config is not None:
+            return _auto_varlen(config, dtype)
         return "sdpa"
     if attn not in _ATTN_NAMES:
         raise TunesmithError(
@@ -166,7 +168,7 @@ def resolve_attn(attn: str, *, cuda: bool, dtype: torch.dtype, padding_free_conf
                 f"flash_attn: varlen needs PyTorch's varlen attention (torch >= 2.10; this is {torch.__version__}). "
                 "Fix: upgrade torch, or use flash_attn: sdpa"
             )
-        return varlen.register(cuda=cuda, dtype=dtype)
+        return varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(config) if config else 64)
     return _ATTN_NAMES[attn]
 
 
@@ -177,13 +179,15 @@ def _auto_varlen(config: Any, dtype: torch.dtype) -> str:
 
     if not varlen.available():
         return "sdpa"
+    if varlen.uses_attention_interface(config) is None:  # remote code: it may ignore the boundaries
+        return "sdpa"
     if varlen.unsupported(config):
         logger.info(
             "flash_attn: auto: sdpa, since varlen does not compute %s", ", ".join(varlen.unsupported(config))
         )
         return "sdpa"
     try:
-        return varlen.register(cuda=True, dtype=dtype)
+        return varlen.register(cuda=True, dtype=dtype, head_size=varlen.head_dim(config))
     except TunesmithError as e:  # this torch's kernel cannot train on this GPU: sdpa, and say why
         logger.warning("flash_attn: auto: using sdpa; %s", e)
         return "sdpa"
@@ -244,11 +248,11 @@ def load_model(
     chosen_dtype = resolve_dtype(dtype, cuda=cuda)
     kwargs: dict[str, Any] = {"dtype": chosen_dtype, "trust_remote_code": trust_remote_code}
     config = None
-    if attn == "auto" and padding_free and cuda:
+    if cuda and (attn == "varlen" or (attn == "auto" and padding_free)):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype, padding_free_config=config)
+    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype, config=config, padding_free=padding_free)
     # For auto and sdpa, transformers picks sdpa where the model supports it, else eager.
     if attn != "auto" or chosen_attn != "sdpa":
         kwargs["attn_implementation"] = chosen_attn

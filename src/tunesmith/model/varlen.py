@@ -45,7 +45,13 @@ def available() -> bool:
     return True
 
 
-def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+def head_dim(config: Any) -> int:
+    """The attention head size of a model config."""
+    text = config.get_text_config()
+    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+
+def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16, head_size: int = 64) -> str:
     """Register the attention with transformers (idempotent); returns its attn_implementation.
 
     With ``cuda``, one tiny forward + backward through the flash kernel first, so a torch whose varlen
@@ -57,7 +63,7 @@ def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
 
     api = KernelApi.of(varlen_attn)
     if cuda:
-        preflight(api, dtype)
+        preflight(api, dtype, head_size)
     AttentionInterface.register(ATTN_NAME, make_attention_forward(api))
     # The 2-D padding mask (None when nothing is padded), as flash-attention gets it; a name missing here
     # would make transformers drop the mask altogether.
@@ -65,10 +71,29 @@ def register(*, cuda: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
     return ATTN_NAME
 
 
+def uses_attention_interface(config: Any) -> bool | None:
+    """Whether transformers' class for this config calls attention through AttentionInterface (where varlen
+    is registered); None when the class is not transformers' own (remote code, unknown config)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "auto_map", None):
+        return None
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return bool(getattr(cls, "_supports_attention_backend", False))
+
+
 def unsupported(config: Any) -> list[str]:
     """What of this model's attention varlen cannot compute (empty: it can)."""
     text = config.get_text_config()
-    return [
+    own = (
+        ["its own attention code, not transformers' attention interface (varlen would be ignored)"]
+        if uses_attention_interface(config) is False
+        else []
+    )
+    return own + [
         what
         for what, on in (
             (
@@ -108,17 +133,20 @@ class KernelApi:
         return cls(window="window_size" in params, scale="scale" in params, gqa="enable_gqa" in params)
 
 
-def preflight(api: KernelApi, dtype: torch.dtype) -> None:
-    """Forward + backward of two short documents on the current GPU; TunesmithError with the fix if not."""
+def preflight(api: KernelApi, dtype: torch.dtype, head_dim: int = 64) -> None:
+    """Forward + backward of two short documents on the current GPU at the model's head size (flash's
+    backward has no kernel for some sizes on some GPUs); TunesmithError with the fix if not."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise TunesmithError(
             f"flash_attn: varlen runs flash attention, which takes bf16 or fp16, not {dtype}. "
             "Fix: train in bf16 (the default on capable GPUs), or use flash_attn: sdpa"
         )
     try:
-        q, k, v = (torch.randn(24, 2, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        q, k, v = (
+            torch.randn(24, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+        )
         cu = torch.tensor([0, 10, 24], device="cuda", dtype=torch.int32)
-        flash_varlen(q, k, v, cu, 14, 0.125, None, api).float().sum().backward()
+        flash_varlen(q, k, v, cu, 14, head_dim**-0.5, None, api).float().sum().backward()
         torch.cuda.synchronize()
     except Exception as e:  # any failure of the kernel: say which torch and what to do
         raise TunesmithError(
@@ -131,14 +159,15 @@ def preflight(api: KernelApi, dtype: torch.dtype) -> None:
 def kernel_inputs(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v in a dtype the flash kernel takes: fp32 activations (full fine-tuning keeps fp32 weights under
     bf16/fp16 autocast, and RoPE's fp32 cos/sin upcast q and k) go to the autocast dtype, as SDPA's would."""
-    if xs[0].dtype in (torch.float16, torch.bfloat16):
+    if xs[0].dtype in (torch.float16, torch.bfloat16) and all(x.dtype == xs[0].dtype for x in xs):
         return xs
     kind = xs[0].device.type
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
         return tuple(x.to(dtype) for x in xs)
     raise TunesmithError(
-        f"flash_attn: varlen computes attention in bf16 or fp16, but this step runs it in {xs[0].dtype} "
+        f"flash_attn: varlen computes attention in bf16 or fp16, but this step runs it in "
+        f"{', '.join(sorted({str(x.dtype) for x in xs}))} "
         "without mixed precision. Fix: set bf16: true (or fp16: true), or use flash_attn: sdpa"
     )
 
@@ -185,9 +214,13 @@ def reference_varlen(
         if end == start:
             continue
         qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
-        mask = _causal(end - start, end - start, window, q.device)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
-                                           enable_gqa=kd.shape[0] != qd.shape[0])  # fmt: skip
+        if window is None:  # causal without a mask: a kernel whose saved memory is linear, as flash's is
+            kd, vd = (x.repeat_interleave(qd.shape[0] // x.shape[0], dim=0)[None] for x in (kd, vd))
+            o = F.scaled_dot_product_attention(qd[None], kd, vd, is_causal=True, scale=scale)[0]  # 4-D: flash
+        else:
+            mask = _causal(end - start, end - start, window, q.device)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
+                                               enable_gqa=kd.shape[0] != qd.shape[0])  # fmt: skip
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -95,24 +95,36 @@ def activation_bytes_per_token(
 
     ``uncast``: a context manager factory that puts the model's LoRA layers as a training step runs them.
     """
+    from tunesmith.data.collate import boundary_kwargs
+    from tunesmith.model.attention import sdpa_kernels
+    from tunesmith.model.varlen import ATTN_NAME
+
     was_training = model.training
     model.train()
     generator = torch.Generator().manual_seed(0)
+    # varlen attends through its flash kernel only with the boundaries a training batch carries
+    varlen = getattr(model.config, "_attn_implementation", None) == ATTN_NAME
+    precision = torch.autocast(
+        device.type, dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)
+    )
 
     def forward(n: int) -> Callable[[], Any]:
-        ids = torch.randint(0, vocab_size, (1, n), generator=generator).to(device)
+        kw: dict[str, Any] = {
+            "input_ids": torch.randint(0, vocab_size, (1, n), generator=generator).to(device)
+        }
+        if varlen:
+            kw |= {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in boundary_kwargs([0, n], n).items()
+            }
 
         def run() -> None:
-            with (
-                torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)
-                ),
-                uncast(),
-            ):
+            # the kernels a training step may use (no cuDNN), as in finish_run
+            with precision, uncast(), sdpa_kernels():
                 try:
-                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    model(**kw, use_cache=False, logits_to_keep=1)
                 except TypeError:  # custom modelling code without logits_to_keep: its logits are not saved
-                    model(input_ids=ids, use_cache=False)
+                    model(**kw, use_cache=False)
 
         return run
 
