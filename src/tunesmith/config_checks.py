@@ -266,6 +266,21 @@ def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[
             "layer's sharded weights in hooks around the layer, which tunesmith does not compile through",
             "set torch_compile: false, or train with DDP (no engine) or deepspeed: zero2",
         )
+    if v["tiled_mlp_tokens"] is not None and (zero is not None or fsdp is not None):
+        add(
+            "tiled_mlp_tokens",
+            f"tiled_mlp_tokens cannot be used with {zero.label if zero is not None else 'FSDP'}: the tiled "
+            "MLP recomputes its tiles in backward and takes its weights' gradients itself, outside the engine's "
+            "parameter hooks",
+            "remove tiled_mlp_tokens, or train with DDP (no engine)",
+        )
+    if v["tiled_mlp_tokens"] is not None and hf.get("torch_compile"):
+        add(
+            "tiled_mlp_tokens",
+            "tiled_mlp_tokens cannot be used with torch_compile: its backward computes gradients itself, "
+            "which a compiled layer cannot trace",
+            "remove tiled_mlp_tokens, or set torch_compile: false",
+        )
     if lora and v["pissa_init"] and zero is not None and zero.stage == 3:
         add(
             "pissa_init",

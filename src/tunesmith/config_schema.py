@@ -44,6 +44,12 @@ class ModelArgs:
     resize_vocab: bool = opt(
         False, "Train (and save) the embeddings and output head, e.g. after adding tokens."
     )
+    tiled_mlp_tokens: int | None = opt(
+        None,
+        "Run each decoder layer's MLP over this many tokens at a time, forward and backward (e.g. 4096): "
+        "less activation memory for long sequences, one more MLP forward per step (dense gated MLPs).",
+        ge=1,
+    )
     disable_gradient_checkpointing: bool | None = opt(
         None,
         "true: gradient checkpointing off; false: on. Unset: pt/sft on a GPU (one process or DDP, not QLoRA) "

@@ -223,6 +223,11 @@ def _load_model(
         train_embedding_modules=loaded.train_embedding_modules,
     )
     _set_trainable_dtype(tuned.model, cfg)
+    if m.tiled_mlp_tokens:
+        from tunesmith.model.compile import decoder_layers
+        from tunesmith.model.tiled_mlp import tile_mlps
+
+        tile_mlps(decoder_layers(tuned.model), m.tiled_mlp_tokens)
     log.info("parameters: %s", _dtype_summary(tuned.model))
     log.info(
         "model: %s | dtype %s | attention %s | gradient checkpointing %s",
