@@ -168,6 +168,8 @@ def train_overrides(model: Path, data: Path, work: Path, a: argparse.Namespace) 
     keys = {**TRAIN_KEYS, "model_name_or_path": str(model), "dataset": str(data), "template": a.template,
             "output_dir": str(work / "out-train"), "data_cache_dir": str(work / "cache"),
             "cutoff_len": a.cutoff_len, "max_steps": a.steps}  # fmt: skip
+    if a.tiled_mlp_tokens:
+        keys["tiled_mlp_tokens"] = a.tiled_mlp_tokens
     if a.cpu_smoke:
         keys.pop("quantization_bit")
         keys["bf16"] = False
@@ -222,7 +224,9 @@ def run_train(keys: dict, timeout_s: float) -> dict:
     return res
 
 
-def load_for_context(model_dir: Path, quantize: bool) -> tuple[Any, Any, dict]:
+def load_for_context(
+    model_dir: Path, quantize: bool, tiled_mlp_tokens: int | None = None
+) -> tuple[Any, Any, dict]:
     """(PEFT model in train mode, its FusedHead, load facts), loaded and tuned as `tunesmith train` does."""
     import torch
 
@@ -236,6 +240,11 @@ def load_for_context(model_dir: Path, quantize: bool) -> tuple[Any, Any, dict]:
                         quantization_bit=4 if quantize else None, tokenizer=tokenizer)  # fmt: skip
     tuned = apply_tuning(loaded.model, TuningOptions(lora_rank=8, lora_target=("all",)), quantized=quantize)
     model = tuned.model
+    if tiled_mlp_tokens:  # as training.causal_lm._load_model
+        from tunesmith.model.compile import decoder_layers
+        from tunesmith.model.tiled_mlp import tile_mlps
+
+        tile_mlps(decoder_layers(model), tiled_mlp_tokens)
     for param in model.parameters():  # as training.causal_lm._set_trainable_dtype: trained weights in fp32
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
@@ -420,6 +429,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-oom-above", type=int, default=None, help="L > N counts as OOM (tests)")
     p.add_argument("--time-limit-s", type=float, default=520.0, help="no try predicted to end later")
     p.add_argument("--train-timeout-s", type=float, default=300.0)
+    p.add_argument("--tiled-mlp-tokens", type=int, default=None, help="tiled_mlp_tokens for both phases")
     a = p.parse_args(argv)
     smoke = a.cpu_smoke
     defaults = {"steps": (10, 3), "cutoff_len": (2048, 256), "start_len": (2048, 64),
@@ -436,7 +446,7 @@ def settings(a: argparse.Namespace, model: Path, max_len: int) -> dict:
     context = {
         "start_len": a.start_len, "max_len": max_len, "step": a.step, "max_bisect": a.max_bisect,
         "fake_oom_above": a.fake_oom_above, "batch": 1, "labels": "every position", "lora_rank": 8,
-        "quantization_bit": None if a.cpu_smoke else 4,
+        "quantization_bit": None if a.cpu_smoke else 4, "tiled_mlp_tokens": a.tiled_mlp_tokens,
     }  # fmt: skip
     train = train_overrides(model, a.data, a.work, a)
     return {"train": train, "context": context, "time_limit_s": a.time_limit_s}
@@ -473,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "context" in a.phases:
         results["context"] = {"tries": []}
         try:
-            model, fused, facts = load_for_context(Path(build["path"]), quantize=not a.cpu_smoke)
+            model, fused, facts = load_for_context(
+                Path(build["path"]), quantize=not a.cpu_smoke, tiled_mlp_tokens=a.tiled_mlp_tokens
+            )
             results["context"]["load"] = facts
 
             def on_try(tries: list[dict]) -> None:

@@ -188,7 +188,8 @@ def test_published_config_is_llama_3_1_8b() -> None:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
-    """One --cpu-smoke run (tiny tokenizer, 40 synthetic alpaca rows, lengths 64..256, fake OOM above 200)."""
+    """One --cpu-smoke run (tiny tokenizer, 40 synthetic alpaca rows, lengths 64..256, fake OOM above 200,
+    MLPs tiled by 32 tokens)."""
     from tunesmith.tiny import tiny_tokenizer_dir
 
     tmp = tmp_path_factory.mktemp("qlora_memory")
@@ -200,7 +201,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
     out = tmp / "results" / "r.json"
     code = qm.main(["--cpu-smoke", "--tokenizer", str(tiny_tokenizer_dir()), "--template", "qwen", "--data",
                     str(tmp / "data.json"), "--work", str(tmp / "work"), "--out", str(out),
-                    "--fake-oom-above", "200"])  # fmt: skip
+                    "--fake-oom-above", "200", "--tiled-mlp-tokens", "32"])  # fmt: skip
     return code, json.loads(out.read_text()), tmp / "work"
 
 
@@ -216,6 +217,9 @@ def test_cpu_smoke_trains_through_the_cli_and_searches_the_context(smoke: tuple[
     assert train["peak_mem_gib"] is None and train["peak_rss_gib"] > 0  # no CUDA allocator on CPU
     keys = res["settings"]["train"]
     assert keys["packing"] is True and keys["lora_target"] == "all" and keys["cutoff_len"] == 256
+    assert (
+        keys["tiled_mlp_tokens"] == 32 and res["settings"]["context"]["tiled_mlp_tokens"] == 32
+    )  # both phases tile
     assert "quantization_bit" not in keys and "4-bit" in res["note"]  # CPU: 16-bit LoRA, said so
     ctx = res["context"]
     assert "error" not in ctx and ctx["load"]["gradient_checkpointing"] is True
