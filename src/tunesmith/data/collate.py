@@ -67,9 +67,14 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
 
 
+def target_rows(shifted: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions of `shifted_labels`' output that have a target."""
+    return (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (over [batch x time]) of the positions whose next token is a target."""
-    return (shifted_labels(labels) != IGNORE_INDEX).nonzero().squeeze(1)
+    return target_rows(shifted_labels(labels))
 
 
 def boundary_kwargs(cu: list[int], width: int) -> dict[str, Any]:

@@ -181,10 +181,9 @@ def _auto_varlen(config: Any, dtype: torch.dtype) -> str:
         return "sdpa"
     if varlen.uses_attention_interface(config) is None:  # remote code: it may ignore the boundaries
         return "sdpa"
-    if varlen.unsupported(config):
-        logger.info(
-            "flash_attn: auto: sdpa, since varlen does not compute %s", ", ".join(varlen.unsupported(config))
-        )
+    missing = varlen.unsupported(config)
+    if missing:
+        logger.info("flash_attn: auto: sdpa, since varlen does not compute %s", ", ".join(missing))
         return "sdpa"
     try:
         return varlen.register(cuda=True, dtype=dtype, head_size=varlen.head_dim(config))

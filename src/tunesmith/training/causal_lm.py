@@ -229,16 +229,13 @@ def _load_model(
 
         tile_mlps(decoder_layers(tuned.model), m.tiled_mlp_tokens)
     log.info("parameters: %s", _dtype_summary(tuned.model))
+    checkpointing = "on" if loaded.gradient_checkpointing else "off"
     log.info(
         "model: %s | dtype %s | attention %s | gradient checkpointing %s",
         require_model(cfg),
         dtype,
         loaded.attn_implementation,
-        "auto (decided on the GPU)"
-        if defer_checkpointing
-        else "on"
-        if loaded.gradient_checkpointing
-        else "off",
+        "auto (decided on the GPU)" if defer_checkpointing else checkpointing,
     )
     return tuned
 

@@ -11,8 +11,8 @@ cost and turns checkpointing off when the whole step fits in half the card:
    128, 256 and 512 tokens of one row, counting the bytes of the distinct storages autograd saves for
    backward (``saved_tensors_hooks``). The slope between the last two is the bytes a token costs. Growth
    faster than linear (eager attention keeps a T x T matrix a layer) gives no slope: checkpointing stays on.
-2. ``plan``: memory now allocated (the weights) + gradients and AdamW state of the trained weights + the
-   loss head + slope x tokens per micro-batch (batch x cutoff_len, an upper bound) x 1.15 + 1 GiB, against
+2. ``plan``: the bytes of the weights and buffers + gradients and AdamW state of the trained weights + the
+   fused loss's chunk + slope x tokens per micro-batch (batch x cutoff_len, an upper bound) x 1.15 + 1 GiB, against
    ``SHARE`` of the card's memory. A pure function.
 
 QLoRA (chosen to save memory), DeepSpeed and FSDP (which shard and account memory their own way), other
@@ -33,9 +33,9 @@ logger = logging.getLogger("tunesmith.train")
 
 SHARE = 0.5  # checkpointing goes off only if the estimate is at most this share of the GPU's memory
 MARGIN = 1.15  # on the activations: a layer's gradients and kernel workspaces live beside them in backward
-HEADROOM = 2**30  # bytes: CUDA context, allocator rounding, the optimizer step's temporaries
-PROBE_TOKENS = (128, 256, 512)
 GIB = 2**30
+HEADROOM = GIB  # CUDA context, allocator rounding, the optimizer step's temporaries
+PROBE_TOKENS = (128, 256, 512)
 
 
 @dataclass(frozen=True)

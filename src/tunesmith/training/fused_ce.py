@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels
+from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels, target_rows
 
 PROBE_TOKENS = 16
 PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
@@ -336,7 +336,7 @@ class FusedHead:
         # Found on the device, the rows are a data-dependent shape (a device sync) taken before the forward
         # is queued; the collator's loss_rows spare it.
         if rows is None:
-            rows = (shifted != IGNORE_INDEX).nonzero().squeeze(1)  # as collate.loss_rows does on the CPU
+            rows = target_rows(shifted)
         else:
             rows = rows.to(shifted.device, non_blocking=True)
         with head_input(self.head) as seen:

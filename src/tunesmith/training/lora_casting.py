@@ -30,6 +30,12 @@ def casting_layers(model: nn.Module) -> list[Any]:
     ]
 
 
+def layers_to_uncast(model: nn.Module, *, autocast: bool, engine: bool) -> list[Any]:
+    """The LoRA layers whose input casting a training step turns off: those of a model trained under
+    autocast (bf16/fp16 mixed precision). DeepSpeed and FSDP (``engine``) cast the model themselves."""
+    return casting_layers(model) if autocast and not engine else []
+
+
 @contextmanager
 def inputs_uncast(layers: Sequence[Any]) -> Iterator[None]:
     """Within the block, ``layers`` pass their input on in its own dtype; their settings come back after."""

@@ -138,10 +138,10 @@ def auto_checkpointing(
 
     from tunesmith.model.loader import embedding_rows, enable_gradient_checkpointing
     from tunesmith.training import checkpoint_plan
-    from tunesmith.training.lora_casting import casting_layers, inputs_uncast
+    from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 
     autocast = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else None
-    layers = casting_layers(model) if autocast else []
+    layers = layers_to_uncast(model, autocast=autocast is not None, engine=False)  # auto runs no engine
     try:
         found = checkpoint_plan.decide(
             model,

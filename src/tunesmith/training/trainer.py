@@ -28,7 +28,7 @@ from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
 from tunesmith.training.fused_ce import FusedHead, probe_fused_head
-from tunesmith.training.lora_casting import casting_layers, inputs_uncast
+from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 
 logger = logging.getLogger("tunesmith.train")
 
@@ -64,11 +64,12 @@ class TunesmithTrainer(Trainer):
         return loss
 
     def _layers_to_uncast(self, model: Any) -> list[Any]:
-        """The LoRA layers whose input casting a training step turns off: those of a model trained under
-        autocast (bf16/fp16 mixed precision). DeepSpeed and FSDP cast the model themselves, no autocast."""
-        if not (self.args.bf16 or self.args.fp16) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return []
-        return casting_layers(self.accelerator.unwrap_model(model))
+        """lora_casting.layers_to_uncast for this run (a DDP wrapper's modules() reaches the model's)."""
+        return layers_to_uncast(
+            model,
+            autocast=self.args.bf16 or self.args.fp16,
+            engine=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+        )
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """HF's estimate, 6 x non-embedding parameters x input tokens, with the parameters counted once.
