@@ -1,0 +1,101 @@
+"""The fused loss head with fp32 weights under bf16 autocast (full fine-tuning), on a GPU.
+
+Times one forward+backward of `fused_ce`'s chunked head at Llama-3.2-1B's head shape (128,256 x 2,048, tied
+fp32 weight, 12,000 supervised rows) three ways, in one process:
+- ``fp32``: the matmuls in the weight's dtype (what the head did before `compute_dtype`);
+- ``autocast``: the matmuls in bf16, the weight gradient summed into fp32 (`compute_dtype`, the default);
+- ``plain``: F.linear under autocast and F.cross_entropy on the whole [rows x vocab] logits (the reference).
+Guards: both fused variants' loss and gradients against the plain path (relative max error), and whether
+cuBLAS's fp32-output addmm (``out_dtype``) ran. Usage: python bench/fused_ce_gpu_check.py --out r.json
+(--cpu-smoke: small shapes on the CPU, to prove the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+
+def _timed(fn, iters: int, sync) -> tuple[float, object]:
+    out = fn()  # warm-up (cuBLAS handles, allocator)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    sync()
+    return (time.perf_counter() - t0) / iters, out
+
+
+def main() -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.training.fused_ce import LogitTransform, _chunked, default_chunk_rows
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--iters", type=int, default=5)
+    a = p.parse_args()
+    dev = "cpu" if a.cpu_smoke else "cuda"
+    rows, hidden, vocab = (300, 64, 1000) if a.cpu_smoke else (12_000, 2048, 128_256)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = (torch.randn(rows, hidden, device=dev, generator=g) * 0.5).bfloat16()
+    w = torch.randn(vocab, hidden, device=dev, generator=g) * 0.02
+    t = torch.randint(0, vocab, (rows,), device=dev, generator=g)
+    chunk = default_chunk_rows(vocab)
+    results: dict = {"bench": "fused_ce_gpu_check", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+                     "shape": {"rows": rows, "hidden": hidden, "vocab": vocab, "chunk_rows": chunk}}  # fmt: skip
+    if dev == "cuda":
+        try:
+            acc = torch.zeros(8, 8, device=dev)
+            torch.addmm(acc, h[:8, :16].t().contiguous()[:8], h[:16, :8], out_dtype=torch.float32, out=acc)
+            results["addmm_out_dtype"] = True
+        except (TypeError, RuntimeError) as e:
+            results["addmm_out_dtype"] = f"unavailable: {e}"
+
+    def fused(compute):
+        def step():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                return _chunked(h, w, None, t, None, LogitTransform(), chunk, (True, True, False), compute)
+
+        return step
+
+    def plain():
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = F.cross_entropy(F.linear(hh, ww).float(), t, reduction="sum")
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    ref_s, (ref_loss, ref_h, ref_w) = _timed(plain, a.iters, sync)
+    results["plain"] = {"s": round(ref_s, 5)}
+    for name, compute in (("fp32", torch.float32), ("autocast", torch.bfloat16)):
+        secs, (loss, _, grad_h, grad_w, _) = _timed(fused(compute), a.iters, sync)
+        results[name] = {
+            "s": round(secs, 5),
+            "loss_rel": float((loss - ref_loss).abs() / ref_loss.abs()),
+            "grad_h_rel": float((grad_h.float() - ref_h.float()).abs().max() / ref_h.float().abs().max()),
+            "grad_w_rel": float((grad_w - ref_w).abs().max() / ref_w.abs().max()),
+            "grad_w_dtype": str(grad_w.dtype),
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    results["speedup_autocast_vs_fp32"] = round(results["fp32"]["s"] / results["autocast"]["s"], 2)
+    ok = all(results[k]["grad_w_rel"] < 2e-2 and results[k]["loss_rel"] < 1e-3 for k in ("fp32", "autocast"))
+    results["guard"] = "PASS" if ok else "FAIL"
+    print(json.dumps({k: v for k, v in results.items() if k not in ("fp32", "autocast")}), flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
