@@ -57,15 +57,15 @@ def main() -> int:
     if dev == "cuda":
         try:
             acc = torch.zeros(8, 8, device=dev)
-            torch.addmm(acc, h[:8, :16].t().contiguous()[:8], h[:16, :8], out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, h[:8, :16], h[:16, :8], out_dtype=torch.float32, out=acc)
             results["addmm_out_dtype"] = True
         except (TypeError, RuntimeError) as e:
             results["addmm_out_dtype"] = f"unavailable: {e}"
 
     def fused(compute):
         def step():
-            with torch.autocast(dev, dtype=torch.bfloat16):
-                return _chunked(h, w, None, t, None, LogitTransform(), chunk, (True, True, False), compute)
+            # no autocast, as in the trainer (the loss runs after the model's autocast forward)
+            return _chunked(h, w, None, t, None, LogitTransform(), chunk, (True, True, False), compute)
 
         return step
 

@@ -115,22 +115,25 @@ class _MatmulDtypes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("loss", ["sum", "logps"])
-def test_fp32_weights_under_autocast_run_the_head_in_the_autocast_dtype(loss):
+@pytest.mark.parametrize("how", ["mixed", "autocast"])
+def test_fp32_weights_of_a_mixed_precision_run_run_the_head_in_bf16(loss, how):
     """Full fine-tuning keeps fp32 weights under bf16 autocast: the head's matmuls, the weight gradient's
-    included, run in bf16 as the model's own linear layers do (an fp32 [vocab x hidden] gradient matmul
-    made Llama-3.2-1B's full SFT step 2x slower on an H200), and the gradients keep fp32 and match the
-    plain autocast path to bf16 rounding."""
+    included, run in bf16 as the model's own linear layers do (fp32 head matmuls took half of a
+    Llama-3.2-1B full-SFT step on an H200), and the gradients keep fp32 and match the plain autocast path
+    to bf16 rounding. The trainer computes the loss outside the model's autocast, so it says ``mixed``."""
     t = _tensors(bias=True, weighted=False)
     targets = t["targets"]
+    mixed = torch.bfloat16 if how == "mixed" else None
 
     def fused() -> torch.Tensor:
+        h, w, b = t["hidden"], t["weight"], t["bias"]
         if loss == "sum":
-            return linear_cross_entropy(t["hidden"], t["weight"], targets, t["bias"], chunk_rows=8)
-        return -linear_token_logps(t["hidden"], t["weight"], targets, t["bias"], chunk_rows=8).sum()
+            return linear_cross_entropy(h, w, targets, b, chunk_rows=8, mixed=mixed)
+        return -linear_token_logps(h, w, targets, b, chunk_rows=8, mixed=mixed).sum()
 
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"), _MatmulDtypes() as mode:
+        got = _grads(0.37 * fused(), t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with _MatmulDtypes() as mode:
-            got = _grads(0.37 * fused(), t)
         logits = F.linear(t["hidden"], t["weight"], t["bias"]).float()
         want = _grads(0.37 * F.cross_entropy(logits, targets, reduction="sum"), t)
     assert mode.seen and {dtype for _, dtype in mode.seen} == {torch.bfloat16}, mode.seen
@@ -138,6 +141,8 @@ def test_fp32_weights_under_autocast_run_the_head_in_the_autocast_dtype(loss):
         assert g.dtype == torch.float32
         _close(g, w, rtol=2e-2)
     assert compute_dtype(t["weight"]) == torch.float32  # outside autocast: the weight's own dtype
+    assert compute_dtype(t["weight"], torch.bfloat16) == torch.bfloat16
+    assert compute_dtype(t["weight"].detach().half(), torch.bfloat16) == torch.float16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(t["weight"]) == torch.bfloat16
         assert compute_dtype(t["weight"].detach().half()) == torch.float16  # half weights keep theirs
@@ -332,3 +337,14 @@ def test_fused_run_logs_the_plain_runs_losses(method, packing, weighted, tiny_mo
 
         metrics = [json.loads((tmp_path / d / "all_results.json").read_text()) for d in ("on", "off")]
         assert metrics[0]["eval_loss"] == pytest.approx(metrics[1]["eval_loss"], rel=1e-4)
+
+
+def test_full_bf16_run_runs_its_fp32_head_in_bf16(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """A bf16 full fine-tune keeps an fp32 head and computes the loss outside the model's autocast: the
+    trainer hands the fused head the run's precision, and the run's losses match the plain path's."""
+    common: dict[str, Any] = dict(finetuning_type="full", bf16=True, use_cpu=True, learning_rate=1e-2)
+    on = _run(tiny_model_dir, sft_data, tmp_path / "on", True, monkeypatch, **common)
+    _run(tiny_model_dir, sft_data, tmp_path / "off", False, monkeypatch, **common)
+    assert len(on) == 1 and "float32, matmuls in bfloat16" in on[0], on
+    fused, plain = logged_losses(tmp_path / "on"), logged_losses(tmp_path / "off")
+    assert [x for _, x in fused] == pytest.approx([x for _, x in plain], rel=2e-2)

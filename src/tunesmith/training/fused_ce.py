@@ -124,17 +124,22 @@ def _chunked(
     return total, rows, grad_h, grad_w, grad_b
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype the head's matmuls run in: autocast's where it is on for the weight's device (fp32 weights
-    of full fine-tuning under bf16 autocast: bf16, as the model's own linear layers), else the weight's.
+def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the head's matmuls run in. An fp32 weight (full fine-tuning keeps fp32 weights) runs in the
+    run's mixed precision ``mixed`` (bf16/fp16), as the model's own linear layers do under autocast, or in
+    autocast's dtype where autocast is on; any other weight in its own dtype.
 
-    Without this an fp32 head weight would run its [vocab x hidden] gradient in fp32: 7.6 TFLOP a step for
-    Llama-3.2-1B at 14.5k tokens, at a fraction of the bf16 rate (bench/fused_ce_gpu_check.py).
+    ``mixed`` is needed because the trainer computes the loss after the model's forward, outside the autocast
+    that accelerate wraps around that forward. Without it an fp32 head ran all its matmuls in fp32: on an
+    H200, 0.45 s of a 0.9 s Llama-3.2-1B full-SFT step (bench/profile_step_gpu.py), and 2.8x slower than
+    bf16 at that head's shape (bench/fused_ce_gpu_check.py).
     """
+    if weight.dtype != torch.float32:
+        return weight.dtype
+    if mixed is not None:
+        return mixed
     kind = weight.device.type
-    if weight.dtype == torch.float32 and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return weight.dtype
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
 
 def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -182,11 +187,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         token_weights: torch.Tensor | None,
         transform: LogitTransform,
         chunk_rows: int,
+        compute: torch.dtype,
     ) -> torch.Tensor:
         needs = ctx.needs_input_grad
         want = (needs[0], needs[1], bias is not None and needs[2])
         total, _, grad_h, grad_w, grad_b = _chunked(
-            hidden, weight, bias, targets, token_weights, transform, chunk_rows, want, compute_dtype(weight)
+            hidden, weight, bias, targets, token_weights, transform, chunk_rows, want, compute
         )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -199,7 +205,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = _scale_(grad_h, grad_out) if grad_h is not None else None
         grad_w = _scale_(grad_w, grad_out) if grad_w is not None else None
         grad_b = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -210,18 +216,20 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     transform: LogitTransform = LogitTransform(),
     chunk_rows: int | None = None,
+    mixed: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sum over rows of ``token_weight * cross_entropy(transform(hidden @ weight.T + bias), target)``.
 
     hidden [N, H] (supervised positions only: no -100 targets), weight [V, H], targets [N], token_weights
     [N]. Returns a 0-dim fp32 tensor; never allocates more than ``chunk_rows x V`` logits.
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
+    ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`).
     """
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
-        dtype = compute_dtype(weight)
         return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3, dtype)[0]
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows, dtype)
 
 
 def _scale_rows(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -245,13 +253,14 @@ class _LinearTokenLogps(torch.autograd.Function):
         targets: torch.Tensor,
         transform: LogitTransform,
         chunk_rows: int,
+        compute: torch.dtype,
     ) -> torch.Tensor:
         needs = ctx.needs_input_grad
         ctx.want = (needs[0], needs[1], bias is not None and needs[2])
         ctx.recompute = ctx.want[1] or ctx.want[2]
         ctx.transform, ctx.chunk_rows = transform, chunk_rows
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.compute = compute_dtype(weight)  # backward runs outside autocast: keep the forward's choice
+        ctx.compute = compute
         if ctx.recompute:  # the head's gradient mixes rows by weights only backward knows: redo the chunks
             _, rows, _, _, _ = _chunked(
                 hidden, weight, bias, targets, None, transform, chunk_rows, (False,) * 3, ctx.compute
@@ -277,7 +286,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.recompute:
             (grad_h,) = ctx.saved_tensors
-            return _scale_rows(grad_h, grad_out.neg()), None, None, None, None, None
+            return _scale_rows(grad_h, grad_out.neg()), None, None, None, None, None, None
         hidden, weight, bias, targets = ctx.saved_tensors
         _, _, grad_h, grad_w, grad_b = _chunked(
             hidden,
@@ -291,7 +300,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             ctx.compute,
         )
         grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_token_logps(
@@ -301,6 +310,7 @@ def linear_token_logps(
     bias: torch.Tensor | None = None,
     transform: LogitTransform = LogitTransform(),
     chunk_rows: int | None = None,
+    mixed: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Per row, ``log_softmax(transform(hidden @ weight.T + bias))[target]``: [N] fp32, exact gradients.
 
@@ -308,10 +318,10 @@ def linear_token_logps(
     more than ``chunk_rows x V`` logits, forward or backward.
     """
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():
-        dtype = compute_dtype(weight)
         return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3, dtype)[1].neg_()
-    return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, rows)
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, rows, dtype)
 
 
 @contextmanager
@@ -337,6 +347,9 @@ class FusedHead:
     head: torch.nn.Linear
     transform: LogitTransform
     chunk_rows: int
+    mixed: torch.dtype | None = (
+        None  # the run's bf16/fp16 mixed precision, for an fp32 head (`compute_dtype`)
+    )
 
     def loss_sum(
         self,
@@ -363,6 +376,7 @@ class FusedHead:
             token_weights=weights,
             transform=self.transform,
             chunk_rows=self.chunk_rows,
+            mixed=self.mixed,
         )
         return total, rows.numel(), outputs
 
@@ -375,7 +389,7 @@ class FusedHead:
         """
         rows, hidden, targets, outputs = self._supervised(model, inputs, labels)
         token = linear_token_logps(
-            hidden, self.head.weight, targets, self.head.bias, self.transform, self.chunk_rows
+            hidden, self.head.weight, targets, self.head.bias, self.transform, self.chunk_rows, self.mixed
         )
         batch, time = labels.shape
         sums = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add(0, rows // time, token)
@@ -407,7 +421,9 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None) -> FusedHead | str:
+def probe_fused_head(
+    model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None, mixed: torch.dtype | None = None
+) -> FusedHead | str:
     """The fused head of an (unwrapped) causal LM, or the reason it cannot be used.
 
     Runs the model once, without gradients and in eval mode, on the first ``PROBE_TOKENS`` tokens of the
@@ -450,7 +466,7 @@ def probe_fused_head(model: Any, inputs: Mapping[str, Any], chunk_rows: int | No
             f"head(hidden) with {transform} differs from the model's logits by {error:.2g} of the largest "
             "logit: the model transforms its logits in a way the fused loss does not know"
         )
-    return FusedHead(head, transform, chunk_rows or default_chunk_rows(head.weight.shape[0]))
+    return FusedHead(head, transform, chunk_rows or default_chunk_rows(head.weight.shape[0]), mixed)
 
 
 __all__ = [
