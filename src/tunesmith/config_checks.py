@@ -56,12 +56,14 @@ _APPLIES_ONLY = (
 
 
 def resolve_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill the defaults that depend on other keys (lora_alpha, packing, data_cache_dir)."""
+    """Fill the defaults that depend on other keys (lora_alpha, packing, data_cache_dir, checkpointing)."""
     out = dict(values)
     if out["lora_alpha"] is None:
         out["lora_alpha"] = 2 * out["lora_rank"]
     if out["packing"] is None:
         out["packing"] = out["stage"] == "pt" or out["neat_packing"]
+    if out["offload_activations"] and out["disable_gradient_checkpointing"] is None:
+        out["disable_gradient_checkpointing"] = False  # offloading moves what checkpointing keeps
     out["data_cache_dir"] = str(Path(out["data_cache_dir"] or DEFAULT_DATA_CACHE).expanduser())
     return out
 
@@ -204,6 +206,14 @@ def cross_field_problems(
         add("bf16", "bf16 and fp16 are both true", "keep one of them (bf16 where the GPU supports it)")
     if v["nnodes"] is not None and v["node_rank"] is not None and v["node_rank"] >= v["nnodes"]:
         add("node_rank", f"node_rank must be below nnodes ({v['nnodes']})", "number the nodes 0 to nnodes-1")
+    if v["offload_activations"] and v["disable_gradient_checkpointing"]:
+        add(
+            "disable_gradient_checkpointing",
+            "offload_activations moves the inputs that gradient checkpointing keeps for backward; with "
+            "checkpointing off there are none to move",
+            "remove disable_gradient_checkpointing (offload_activations turns checkpointing on), or remove "
+            "offload_activations",
+        )
     _engine_problems(v, hf, add)
     return problems
 
@@ -280,6 +290,21 @@ def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[
             "tiled_mlp_tokens cannot be used with torch_compile: its backward computes gradients itself, "
             "which a compiled layer cannot trace",
             "remove tiled_mlp_tokens, or set torch_compile: false",
+        )
+    if v["offload_activations"] and (zero is not None or fsdp is not None):
+        add(
+            "offload_activations",
+            f"offload_activations cannot be used with {zero.label if zero is not None else 'FSDP'}: the engine "
+            "places, gathers and frees memory around each layer with hooks of its own; offloading is built and "
+            "tested for one GPU or DDP only",
+            "remove offload_activations, or train with DDP (no engine)",
+        )
+    if v["offload_activations"] and hf.get("torch_compile"):
+        add(
+            "offload_activations",
+            "offload_activations cannot be used with torch_compile: its hooks open and close around each "
+            "compiled decoder layer's call, which the compiler would have to trace",
+            "remove offload_activations, or set torch_compile: false",
         )
     if lora and v["pissa_init"] and zero is not None and zero.stage == 3:
         add(

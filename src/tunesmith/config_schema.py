@@ -50,6 +50,12 @@ class ModelArgs:
         "less activation memory for long sequences, one more MLP forward per step (dense gated MLPs).",
         ge=1,
     )
+    offload_activations: bool = opt(
+        False,
+        "Keep each checkpointed decoder layer's input in pinned CPU memory from forward to backward (copied "
+        "on a side stream, prefetched back): less GPU memory for long sequences, more PCIe traffic. Turns "
+        "gradient checkpointing on (disable_gradient_checkpointing: false).",
+    )
     disable_gradient_checkpointing: bool | None = opt(
         None,
         "true: gradient checkpointing off; false: on. Unset: pt/sft on a GPU (one process or DDP, not QLoRA) "

@@ -228,6 +228,11 @@ def _load_model(
         from tunesmith.model.tiled_mlp import tile_mlps
 
         tile_mlps(decoder_layers(tuned.model), m.tiled_mlp_tokens)
+    if m.offload_activations:
+        from tunesmith.model.compile import decoder_layers
+        from tunesmith.model.offload import ActivationOffload, CudaOps, offload_layer_inputs
+
+        offload_layer_inputs(decoder_layers(tuned.model), ActivationOffload(CudaOps()))
     log.info("parameters: %s", _dtype_summary(tuned.model))
     checkpointing = "on" if loaded.gradient_checkpointing else "off"
     log.info(

@@ -1,0 +1,183 @@
+"""`offload_activations`: each decoder layer's checkpointed input waits for backward in pinned CPU memory.
+
+With gradient checkpointing, what a step keeps from forward to backward is mostly each decoder layer's input,
+[tokens x hidden] per layer (0.7 GiB at 16k tokens for Qwen2.5-0.5B's 24 layers in bf16). PyTorch's
+non-reentrant checkpoint stores those inputs as saved tensors (`_CheckpointFrame.save_inputs`) before it
+pushes its own hooks, so saved_tensors_hooks active around the checkpoint see exactly them, and the
+recomputation in backward reads them through the unpack hook. transformers checkpoints a
+`GradientCheckpointingLayer`'s `forward`, inside `__call__`, so hooks opened by the layer's forward pre-hook
+and closed by its forward hook surround the checkpoint and nothing else: the loss head (whose fused
+cross-entropy saves a [vocab x hidden] gradient) and the recomputation stay on the GPU. (Checked on CPU with
+torch 2.13 and transformers 5.24: one tensor per layer, the same loss and gradients bit for bit; reentrant
+checkpointing would be seen the same way, through its CheckpointFunction's save_for_backward.)
+
+`ActivationOffload` holds the rules (what moves, when a GPU copy may be freed, what to prefetch);
+`CudaOps` issues the copies, on a side stream per device, as torchtune's OffloadActivations does:
+forward: the side stream waits for the compute stream, copies the tensor into pinned memory without
+blocking, and records an event; the GPU tensor is kept until the compute stream has waited for that event
+(at the next pack or the first unpack), so its memory is reused only after the copy, with no host sync.
+backward: unpacking layer k's input copies it back (unless prefetched), starts the copy of layer k-1's
+input, and makes the compute stream wait for layer k's. Pinned buffers come from PyTorch's caching host
+allocator, so from the second step on they are reused, not allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+
+log = logging.getLogger("tunesmith")
+
+MIN_BYTES = 2**20  # smaller saved tensors stay where they are: a copy would cost more than it frees
+
+
+class DeviceOps(Protocol):
+    """The device calls of offloading: `CudaOps`, or a fake in tests."""
+
+    def handles(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives on a device this moves from (CPU tensors stay as they are)."""
+
+    def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying ``t`` to host memory after the work queued so far; (host tensor, event when done)."""
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+        """Start copying ``host`` back to ``device``; (device tensor, event when done)."""
+
+    def wait(self, event: Any, device: torch.device) -> None:
+        """Make ``device``'s current stream wait for ``event`` (the host does not wait)."""
+
+
+class CudaOps:
+    """Copies on one side stream per CUDA device, into pinned memory and back."""
+
+    def __init__(self) -> None:
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
+
+    def handles(self, t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._side:
+            self._side[device] = torch.cuda.Stream(device)
+        return self._side[device]
+
+    def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        side = self._stream(t.device)
+        side.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued before
+        with torch.cuda.stream(side):
+            host = torch.empty_like(t, device="cpu", pin_memory=True)
+            host.copy_(t, non_blocking=True)
+        return host, side.record_event()
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+        side = self._stream(device)
+        out = torch.empty_like(host, device=device)  # allocated on the compute stream, which frees it
+        side.wait_stream(torch.cuda.current_stream(device))  # its memory may be in use by queued work
+        with torch.cuda.stream(side):
+            out.copy_(host, non_blocking=True)
+        return out, side.record_event()
+
+    def wait(self, event: Any, device: torch.device) -> None:
+        torch.cuda.current_stream(device).wait_event(event)
+
+
+class _Offloaded:
+    """A saved tensor in host memory, its copy back once started, and the tensor saved just before it."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device, before: weakref.ref | None) -> None:
+        self.host, self.device, self.before = host, device, before
+        self.back: tuple[torch.Tensor, Any] | None = None  # (device tensor, event) while on its way
+
+
+class ActivationOffload:
+    """saved_tensors_hooks' pack and unpack that move tensors of ``min_bytes`` or more through ``ops``."""
+
+    def __init__(self, ops: DeviceOps, min_bytes: int = MIN_BYTES) -> None:
+        self.ops, self.min_bytes = ops, min_bytes
+        self._copying: list[tuple[torch.Tensor, Any]] = []  # device tensors until their copy is waited for
+        self._last: weakref.ref | None = None  # the latest _Offloaded; weak, so a step's ones die with it
+
+    def pack(self, t: torch.Tensor) -> Any:
+        small = t.numel() * t.element_size() < self.min_bytes
+        # weights, and leaves that require grad (LoRA's first layer input, made so by transformers'
+        # enable_input_require_grads), are held by the model or the graph anyway: a copy would free nothing
+        kept = isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+        if small or kept or not self.ops.handles(t):
+            return t
+        self._release_copied()
+        host, event = self.ops.to_host(t)
+        self._copying.append((t, event))
+        saved = _Offloaded(host, t.device, self._last)
+        self._last = weakref.ref(saved)
+        return saved
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Offloaded):
+            return packed
+        self._release_copied()
+        t, event = packed.back or self.ops.to_device(packed.host, packed.device)
+        packed.back = None  # kept on the GPU only as long as backward uses it
+        before = packed.before() if packed.before is not None else None
+        if before is not None and before.back is None:  # backward needs it next: prefetch
+            before.back = self.ops.to_device(before.host, before.device)
+        self.ops.wait(event, packed.device)
+        return t
+
+    def _release_copied(self) -> None:
+        """The compute stream waits for the copies started so far; then their device tensors may go."""
+        for t, event in self._copying:
+            self.ops.wait(event, t.device)
+        self._copying.clear()
+
+
+class _LayerScope:
+    """Opens the hooks when a checkpointed layer starts and closes them when it returns (or raises)."""
+
+    def __init__(self, offload: ActivationOffload) -> None:
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack)
+        self.open: list[bool] = []
+
+    def enter(self, layer: nn.Module, args: Any) -> None:
+        # the condition under which the layer checkpoints itself (transformers' GradientCheckpointingLayer)
+        active = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
+        if active:
+            self.hooks.__enter__()
+        self.open.append(active)
+
+    def exit(self, layer: nn.Module, args: Any, output: Any) -> None:
+        if self.open.pop():
+            self.hooks.__exit__(None, None, None)
+
+
+def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) -> list[Any]:
+    """Route what each checkpointed decoder layer saves (its input) through ``offload``; the hook handles."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if "__call__" in vars(GradientCheckpointingLayer):  # it checkpoints __call__, module hooks included
+        raise TunesmithError(
+            "offload_activations needs a transformers whose GradientCheckpointingLayer checkpoints `forward` "
+            "(5.24 does), so that the layer's hooks surround the checkpoint. Fix: upgrade transformers, or "
+            "remove offload_activations"
+        )
+    for layer in layers:
+        if not isinstance(layer, GradientCheckpointingLayer) or not layer.gradient_checkpointing:
+            raise TunesmithError(
+                f"offload_activations: decoder layer {type(layer).__name__} is not checkpointed by "
+                "transformers' GradientCheckpointingLayer, so its saved tensors cannot be offloaded. "
+                "Fix: remove offload_activations (or turn gradient checkpointing on)"
+            )
+    scope = _LayerScope(offload)
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(scope.enter))
+        handles.append(layer.register_forward_hook(scope.exit, always_call=True))
+    log.info("offload_activations: gradient checkpointing on; the inputs of %d decoder layers wait for "
+             "backward in pinned CPU memory (those of %d MiB or more, from a GPU)", len(layers),
+             offload.min_bytes // 2**20)  # fmt: skip
+    return handles
