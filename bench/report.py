@@ -103,8 +103,13 @@ def profile_step_gpu(d: dict) -> str | None:
         return None
     cells = ", ".join(f"{v['name']} {v['s_per_step']} s/step ({v['tokens_per_s']:,.0f} tok/s)" for v in ok)
     base = d.get("base") or {}
+    methods = {
+        (v.get("overrides") or {}).get("finetuning_type", base.get("finetuning_type", "lora")) for v in ok
+    }
+    method = " / ".join("LoRA" if m == "lora" else m for m in sorted(methods))
+    arch = "Llama-3.2-1B" if base.get("template") == "llama3" else "Qwen2.5-0.5B"
     line = (
-        f"LoRA SFT step, Qwen2.5-0.5B arch, batch {base.get('per_device_train_batch_size', 8)}, "
+        f"{method} SFT step, {arch} arch, batch {base.get('per_device_train_batch_size', 8)}, "
         f"cutoff {base.get('cutoff_len', 1024)}: {cells}"
     )
     trace = (d.get("profile") or {}).get("trace")
@@ -128,12 +133,23 @@ def export_gpu_check(d: dict) -> str | None:
     return "export: " + "; ".join(cells)
 
 
+def _train_goals(d: dict) -> list[dict]:
+    """The goals recomputed from the raw runs (so every file is judged by today's definitions)."""
+    sys.path.insert(0, str(BENCH))
+    import _train_bench_common as tb
+
+    runs = d.get("runs") or {}
+    archs = list(dict.fromkeys(k.split("/")[0] for k in runs))
+    methods = list(dict.fromkeys(k.split("/")[1] for k in runs))
+    return tb.evaluate(runs, archs, methods)[0] if runs else d.get("goals", [])
+
+
 def train_throughput(d: dict) -> str | None:
-    goals = [g for g in d.get("goals", []) if g.get("value") is not None]
-    if not goals:
-        return None
+    goals = [g for g in _train_goals(d) if g.get("value") is not None]
     cells = [
-        f"{g['arch']} {g['method']} {g['goal']}: {g['value']} ({g['target']}: {'pass' if g['pass'] else 'FAIL'})"
+        f"{g['arch']} {g['method']} {g['goal']}: {g['value']}"
+        + (f" ({g['side']}; ts-best {g['best_vs_best']})" if g.get("side") not in (None, "ts-best") else "")
+        + f" ({g['target']}: {'pass' if g['pass'] else 'FAIL'})"
         for g in goals
     ]
     runs = d.get("runs", {})
@@ -148,7 +164,7 @@ def train_throughput(d: dict) -> str | None:
             cells.append(
                 f"{arch} {method} {base} ({flags}) vs {name}: {a:,.0f} vs {b:,.0f} tok/s, {_x(a / b)}"
             )
-    return "; ".join(cells)
+    return "; ".join(cells) or None
 
 
 def qlora_memory(d: dict) -> str | None:
@@ -207,9 +223,9 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
 
     multi_gpu keeps one row per method set, engine set and --set options; predict_throughput keeps the
-    newest throughput run and the newest identity check; train_throughput keeps the newest run and the
-    newest run per set of A/B (--extra-side) sides; profile_step_gpu the newest profiled run and the newest
-    timing-only run per variant set; qlora_memory the newest run with the 2048 goal and the newest
+    newest throughput run and the newest identity check; train_throughput keeps the newest run per arch
+    and method set, and per set of A/B (--extra-side) sides; profile_step_gpu the newest profiled run per
+    template and profiled variant, and the newest timing-only run per variant set; qlora_memory the newest run with the 2048 goal and the newest
     context-only search.
     """
     found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
@@ -230,12 +246,15 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
         if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
             sub = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"])) + ":"
             sub += "+".join(c["engine"] for c in d["comparisons"]) + ":" + json.dumps(d.get("sets") or {})
-        elif kind == "train_throughput":  # a run with A/B sides keeps a row per set of A/B sides
+        elif kind == "train_throughput":  # a row per arch and method set, and per set of A/B sides
+            keys = [k.split("/") for k in d.get("runs") or {}]
+            sub = "+".join(sorted({k[0] for k in keys})) + ":" + "+".join(sorted({k[1] for k in keys}))
             extra = d.get("settings", {}).get("extra_sides")
-            sub = "ab:" + ",".join(sorted(extra)) if extra else ""
+            sub += ":ab:" + ",".join(sorted(extra)) if extra else ""
         elif kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
+            base = d.get("base") or {}
             sub = (
-                "profile"
+                f"profile:{base.get('template')}:{d['profile'].get('variant')}"
                 if d.get("profile")
                 else "timing:" + ",".join(sorted(v["name"] for v in d["variants"]))
             )

@@ -82,6 +82,7 @@ LLAMA_TOKENIZER = SHARED / "fixtures" / "hf_tokenizers" / "llama-3.2-instruct"
 MIN_RUN_S = 60  # a run is started only with at least this much of --budget-s left
 _TS_MODEL_LINE = re.compile(r"attention (\S+) \| gradient checkpointing (\w+)")
 _TS_AUTO_CKPT_LINE = re.compile(r"gradient checkpointing (on|off) \(auto\)")  # decided on the GPU, later
+_TS_AUTO_ESTIMATE = re.compile(r"about ([\d.]+) GiB without it at ([\d,]+) tokens per micro-batch")
 
 
 def ts_model_info(output: str) -> dict:
@@ -91,6 +92,12 @@ def ts_model_info(output: str) -> dict:
     auto = _TS_AUTO_CKPT_LINE.search(output)
     if auto:
         info |= {"gradient_checkpointing": auto[1] == "on", "gradient_checkpointing_auto": True}
+        estimate = _TS_AUTO_ESTIMATE.search(output[auto.start() :])
+        if estimate:  # the plan's peak without checkpointing, to hold against the measured peak
+            info |= {
+                "auto_estimate_gib": float(estimate[1]),
+                "auto_estimate_tokens": int(estimate[2].replace(",", "")),
+            }
     return info
 
 

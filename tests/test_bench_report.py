@@ -57,7 +57,22 @@ def test_ab_sides_of_the_training_bench_are_shown_as_ratios():
          "settings": {"extra_sides": {"ts-best-eager": "ts-best"}, "sets": {"ts-best": {"torch_compile": True}}},
          "runs": {k: {"steady": {"tokens_per_s": v}} for k, v in steady.items()}}  # fmt: skip
     line = report.train_throughput(d)
-    assert "qwen lora ts-best (torch_compile=True) vs ts-best-eager: 300 vs 200 tok/s, 1.50×" in line
+    assert line == "qwen lora ts-best (torch_compile=True) vs ts-best-eager: 300 vs 200 tok/s, 1.50×"
+    assert report.train_throughput(d | {"settings": {}}) is None  # no goal measured, no A/B: no row
+
+
+def test_training_goals_are_recomputed_from_the_raw_runs():
+    """A result file is judged by today's goal definitions (its stored goals may predate them)."""
+    runs = {"qwen/lora/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0, "losses": [1.0]},
+            "qwen/lora/lf-best": {"steady": {"tokens_per_s": 30.0}, "peak_mem_gib": 3.0, "losses": [1.0]},
+            "qwen/lora/ts-mem": {"steady": {"tokens_per_s": 20.0}, "peak_mem_gib": 1.5, "losses": [1.0],
+                                 "base_side": "ts-best"}}  # fmt: skip
+    stale = [{"goal": "old", "arch": "qwen", "method": "lora", "value": 9.9, "target": "≥ 1", "pass": True}]
+    line = report.train_throughput({"goals": stale, "runs": runs})
+    assert "old" not in line and "qwen lora best vs best tokens/s ratio: 3.0 (≥ 2.0: pass)" in line
+    assert (
+        "peak memory ratio at equal tokens per micro-batch: 0.5 (ts-mem; ts-best 3.0) (≤ 0.7: pass)" in line
+    )
 
 
 def test_a_multi_gpu_run_that_timed_out_says_so():

@@ -151,7 +151,7 @@ def test_evaluate_goals_and_guards() -> None:
     got = {(g["goal"], g["arch"], g["method"]): (g["value"], g["pass"]) for g in goals}
     assert got[("default LoRA tokens/s ratio", "qwen", "lora")] == (60.0, True)
     assert got[("best vs best tokens/s ratio", "qwen", "lora")] == (pytest.approx(1.6667), False)
-    assert got[("peak memory ratio, best vs best", "qwen", "lora")] == (0.6, True)
+    assert got[("peak memory ratio at equal tokens per micro-batch", "qwen", "lora")] == (0.6, True)
     assert got[("MFU of tunesmith best, full SFT 1B", "llama", "full")] == (0.4, False)
     assert got[("best vs best tokens/s ratio", "llama", "full")] == (None, None)  # lf-best missing
     by_pair = {(g["arch"], g["pair"]): g for g in guards}
@@ -160,6 +160,27 @@ def test_evaluate_goals_and_guards() -> None:
     assert by_pair[("llama", "best")]["pass"] is None
     table = tb.summary_table(runs, goals, guards)
     assert "qwen/lora/ts-default" in table and "PASS" in table and "FAIL" in table and "n/a" in table
+
+
+def test_memory_goal_takes_the_lowest_ts_side_of_the_best_shape_that_trains_alike() -> None:
+    runs = {
+        "qwen/lora/ts-best": _run(50_000.0, mem=19.0) | {"base_side": "ts-best"},
+        "qwen/lora/lf-best": _run(30_000.0, mem=3.0),
+        "qwen/lora/ts-mem": _run(20_000.0, mem=2.0) | {"base_side": "ts-best"},
+        "qwen/lora/ts-wrong": _run(20_000.0, mem=1.0, losses=(5.0, 4.0)) | {"base_side": "ts-best"},
+        "qwen/lora/ts-small": _run(90_000.0, mem=0.5) | {"base_side": "ts-default"},  # not the best shape
+        "qwen/lora/ts-none": _run(None, mem=0.2) | {"base_side": "ts-best"},  # no rate measured
+    }
+    goal = tb.memory_goal(runs, "qwen", "lora")
+    assert (goal["side"], goal["value"], goal["pass"], goal["best_vs_best"]) == (
+        "ts-mem",
+        0.6667,
+        True,
+        6.3333,
+    )
+    assert "(ts-mem; ts-best 6.333)" in tb.summary_table(runs, [goal], [])
+    del runs["qwen/lora/lf-best"]
+    assert tb.memory_goal(runs, "qwen", "lora")["value"] is None
 
 
 def test_bench_data_is_deterministic_and_long(tmp_path: Path) -> None:
@@ -241,10 +262,13 @@ def test_tunesmith_model_line_and_the_later_auto_checkpointing_decision_are_read
     }
     auto = (
         line
-        + "auto (decided on the GPU)\n[tunesmith] gradient checkpointing off (auto): about 26.0 GiB ...\n"
+        + "auto (decided on the GPU)\n[tunesmith] gradient checkpointing off (auto): about 26.0 GiB without it "
+        "at 16,384 tokens per micro-batch (0.10 MiB a token), of the GPU's 139.8 GiB\n"
     )
     assert train_throughput.ts_model_info(auto) == {
         "attn_implementation": "tunesmith_varlen",
         "gradient_checkpointing": False,
         "gradient_checkpointing_auto": True,
+        "auto_estimate_gib": 26.0,
+        "auto_estimate_tokens": 16384,
     }
