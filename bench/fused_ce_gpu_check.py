@@ -6,7 +6,9 @@ fp32 weight, 12,000 supervised rows) three ways, in one process:
 - ``autocast``: the matmuls in bf16, the weight gradient summed into fp32 (`compute_dtype`, the default);
 - ``plain``: F.linear under autocast and F.cross_entropy on the whole [rows x vocab] logits (the reference).
 Guards: both fused variants' loss and gradients against the plain path (relative max error), and whether
-cuBLAS's fp32-output addmm (``out_dtype``) ran. Usage: python bench/fused_ce_gpu_check.py --out r.json
+cuBLAS's fp32-output addmm (``out_dtype``) ran. ``--chunk-rows N ...`` then times the autocast variant at
+other chunk sizes, for a trained head (full SFT) and a frozen bf16 head (LoRA: no weight gradient), with each
+chunk's transient memory: what sizing chunks by the memory at hand would buy. Usage: python bench/fused_ce_gpu_check.py --out r.json
 (--cpu-smoke: small shapes on the CPU, to prove the script).
 """
 
@@ -42,6 +44,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--chunk-rows", type=int, nargs="*", default=[], help="also time these chunk sizes")
     a = p.parse_args()
     dev = "cpu" if a.cpu_smoke else "cuda"
     rows, hidden, vocab = (300, 64, 1000) if a.cpu_smoke else (12_000, 2048, 128_256)
@@ -89,6 +92,22 @@ def main() -> int:
         }
         print(name, json.dumps(results[name]), flush=True)
     results["speedup_autocast_vs_fp32"] = round(results["fp32"]["s"] / results["autocast"]["s"], 2)
+    frozen = w.bfloat16()  # a LoRA run's head: bf16, no gradient
+    results["chunk_sweep"] = []
+    for rows_a_chunk in a.chunk_rows:
+        for head, weight, want in (
+            ("trained", w, (True, True, False)),
+            ("frozen", frozen, (True, False, False)),
+        ):
+
+            def step(weight=weight, want=want, n=rows_a_chunk):
+                return _chunked(h, weight, None, t, None, LogitTransform(), n, want, torch.bfloat16)
+
+            secs, _ = _timed(step, a.iters, sync)
+            cell = {"head": head, "chunk_rows": rows_a_chunk, "s": round(secs, 5),
+                    "chunk_mib": round(rows_a_chunk * vocab * 8 / 2**20)}  # fmt: skip
+            results["chunk_sweep"].append(cell)
+            print("chunk", json.dumps(cell), flush=True)
     ok = all(results[k]["grad_w_rel"] < 2e-2 and results[k]["loss_rel"] < 1e-3 for k in ("fp32", "autocast"))
     results["guard"] = "PASS" if ok else "FAIL"
     print(json.dumps({k: v for k, v in results.items() if k not in ("fp32", "autocast")}), flush=True)

@@ -22,6 +22,8 @@ BEGIN, END = "<!-- perf-table:begin (bench/report.py) -->", "<!-- perf-table:end
 
 def _device(d: dict) -> str:
     dev = d.get("device", {})
+    if isinstance(dev, str):  # a check that names its device only
+        return dev.replace("NVIDIA ", "") if dev != "cpu" else "CPU"
     if dev.get("cuda"):
         count = dev.get("count", 1)
         return (
@@ -34,7 +36,7 @@ def _device(d: dict) -> str:
 
 
 def _versions(d: dict) -> str:
-    v = d.get("versions", {})
+    v = d.get("versions") or {"torch": d.get("torch")}
     v = v.get("tunesmith_env", v)
     keys = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
     return ", ".join(f"{k} {v[k]}" for k in keys if v.get(k) and v[k] != "not installed")
@@ -202,6 +204,24 @@ def varlen_gpu_check(d: dict) -> str | None:
     )
 
 
+def fused_ce_gpu_check(d: dict) -> str | None:
+    if d.get("device") == "cpu" or "autocast" not in d:
+        return None
+    sh, ms = d["shape"], {k: round(1000 * d[k]["s"], 1) for k in ("fp32", "autocast", "plain")}
+    line = (
+        f"fused LM head + loss, fp32 head weight (full SFT), {sh['rows']:,} rows x {sh['vocab']:,} x "
+        f"{sh['hidden']:,}, fwd+bwd: matmuls in bf16 {ms['autocast']} ms vs fp32 {ms['fp32']} ms "
+        f"({_x(d['speedup_autocast_vs_fp32'])}); plain logits path {ms['plain']} ms; gradients vs plain: "
+        f"{'pass' if d.get('guard') == 'PASS' else 'FAIL'}"
+    )
+    sweep = d.get("chunk_sweep") or []
+    if sweep:
+        line += "; chunk rows " + ", ".join(
+            f"{c['head']} {c['chunk_rows']}: {1000 * c['s']:.1f} ms" for c in sweep
+        )
+    return line
+
+
 HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "train_throughput": train_throughput,
     "qlora_memory": qlora_memory,
@@ -212,6 +232,7 @@ HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "varlen_gpu_check": varlen_gpu_check,
     "dpo_gpu_memory": dpo_gpu_memory,
     "export_gpu_check": export_gpu_check,
+    "fused_ce_gpu_check": fused_ce_gpu_check,
 }
 
 
