@@ -1,7 +1,7 @@
 """The fused loss head with fp32 weights under bf16 autocast (full fine-tuning), on a GPU.
 
 Times one forward+backward of `fused_ce`'s chunked head at Llama-3.2-1B's head shape (128,256 x 2,048, tied
-fp32 weight, 12,000 supervised rows) three ways, in one process:
+fp32 weight, 12,000 supervised rows; ``--shape qwen``: Qwen2.5-0.5B's 151,936 x 896) three ways, in one process:
 - ``fp32``: the matmuls in the weight's dtype (what the head did before `compute_dtype`);
 - ``autocast``: the matmuls in bf16, the weight gradient summed into fp32 (`compute_dtype`, the default);
 - ``plain``: F.linear under autocast and F.cross_entropy on the whole [rows x vocab] logits (the reference).
@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+
+SHAPES = {"llama": (12_000, 2048, 128_256), "qwen": (12_000, 896, 151_936)}  # supervised rows, hidden, vocab
 
 
 def _timed(fn, iters: int, sync) -> tuple[float, object]:
@@ -45,9 +48,12 @@ def main() -> int:
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--chunk-rows", type=int, nargs="*", default=[], help="also time these chunk sizes")
+    p.add_argument(
+        "--shape", choices=list(SHAPES), default="llama", help="the head: Llama-3.2-1B or Qwen2.5-0.5B"
+    )
     a = p.parse_args()
     dev = "cpu" if a.cpu_smoke else "cuda"
-    rows, hidden, vocab = (300, 64, 1000) if a.cpu_smoke else (12_000, 2048, 128_256)
+    rows, hidden, vocab = (300, 64, 1000) if a.cpu_smoke else SHAPES[a.shape]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
     h = (torch.randn(rows, hidden, device=dev, generator=g) * 0.5).bfloat16()

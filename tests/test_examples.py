@@ -25,6 +25,8 @@ def test_there_are_examples():
         "llama3.1_full_sft_ds3.yaml",
         "qwen2.5_pt.yaml",
         "sft_from_jsonl.yaml",
+        "qwen2.5_lora_sft_fast.yaml",  # docs/performance.md's two recipes
+        "qwen2.5_lora_sft_low_memory.yaml",
     } <= names
 
 
