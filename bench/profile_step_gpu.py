@@ -60,6 +60,14 @@ VARIANTS = {
         "packing": True,
         "neat_packing": True,
     },
+    # the train_throughput full-SFT best (Llama-3.2-1B: --model <its folder> --set template=llama3)
+    "full_neat_packing_compile": {
+        "finetuning_type": "full",
+        "learning_rate": 1e-5,
+        "packing": True,
+        "neat_packing": True,
+        "torch_compile": True,
+    },
     "neat_packing_varlen_compile": {
         "packing": True,
         "neat_packing": True,
