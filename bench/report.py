@@ -137,7 +137,8 @@ def export_gpu_check(d: dict) -> str | None:
 
 def _train_goals(d: dict) -> list[dict]:
     """The goals recomputed from the raw runs (so every file is judged by today's definitions)."""
-    sys.path.insert(0, str(BENCH))
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     import _train_bench_common as tb
 
     runs = d.get("runs") or {}

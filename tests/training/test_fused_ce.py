@@ -124,24 +124,31 @@ def test_fp32_weights_of_a_mixed_precision_run_run_the_head_in_bf16(loss, how):
     t = _tensors(bias=True, weighted=False)
     targets = t["targets"]
     mixed = torch.bfloat16 if how == "mixed" else None
+    # per-row weights for the log-probs: their backward scales each row by its own incoming gradient
+    row_w = (
+        torch.rand(N, generator=torch.Generator().manual_seed(1)) + 0.5 if loss == "logps" else torch.ones(N)
+    )
 
     def fused() -> torch.Tensor:
         h, w, b = t["hidden"], t["weight"], t["bias"]
         if loss == "sum":
             return linear_cross_entropy(h, w, targets, b, chunk_rows=8, mixed=mixed)
-        return -linear_token_logps(h, w, targets, b, chunk_rows=8, mixed=mixed).sum()
+        return -(linear_token_logps(h, w, targets, b, chunk_rows=8, mixed=mixed) * row_w).sum()
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"), _MatmulDtypes() as mode:
         got = _grads(0.37 * fused(), t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = F.linear(t["hidden"], t["weight"], t["bias"]).float()
-        want = _grads(0.37 * F.cross_entropy(logits, targets, reduction="sum"), t)
+        want = _grads(0.37 * (F.cross_entropy(logits, targets, reduction="none") * row_w).sum(), t)
     assert mode.seen and {dtype for _, dtype in mode.seen} == {torch.bfloat16}, mode.seen
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         _close(g, w, rtol=2e-2)
     assert compute_dtype(t["weight"]) == torch.float32  # outside autocast: the weight's own dtype
     assert compute_dtype(t["weight"], torch.bfloat16) == torch.bfloat16
+    assert (
+        compute_dtype(t["weight"], torch.float16) == torch.float32
+    )  # fp16 would zero rare tokens' gradients
     assert compute_dtype(t["weight"].detach().half(), torch.bfloat16) == torch.float16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(t["weight"]) == torch.bfloat16

@@ -179,9 +179,21 @@ def test_layers_without_checkpointing_are_refused(tiny_model_dir):
         offload_layer_inputs(decoder_layers(model), ActivationOffload(FakeOps()))
 
 
-def test_sft_with_offloading_trains_the_same_losses(tiny_model_dir, sft_data, tmp_path):
+def test_sft_with_offloading_trains_the_same_losses(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """Through the run: the layer inputs really move (a CPU stand-in for the device, no size floor), and the
+    losses equal checkpointing's alone."""
+    import functools
+
+    from tunesmith.model import offload
+
+    fake = FakeOps()
+    monkeypatch.setattr(offload, "CudaOps", lambda: fake)
+    monkeypatch.setattr(
+        offload, "ActivationOffload", functools.partial(offload.ActivationOffload, min_bytes=0)
+    )
     keys = {"max_steps": 3, "per_device_train_batch_size": 4, "cutoff_len": 64, "lora_dropout": 0.1}
     train(tiny_model_dir, sft_data, tmp_path / "plain", disable_gradient_checkpointing=False, **keys)
+    assert not fake.moved  # the plain run never offloads
     messages = LogMessages()
     logging.getLogger("tunesmith").addHandler(messages)
     try:
@@ -189,6 +201,8 @@ def test_sft_with_offloading_trains_the_same_losses(tiny_model_dir, sft_data, tm
     finally:
         logging.getLogger("tunesmith").removeHandler(messages)
     assert any("offload_activations: gradient checkpointing on" in m for m in messages.messages)
+    assert fake.moved and not any(is_param for _, is_param in fake.moved)
+    assert any(kind == "to_device" for kind, *_ in fake.log)  # and came back for backward
     want, got = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "offload")
     assert len(got) == 3 and [x for _, x in got] == [x for _, x in want]
 

@@ -73,6 +73,7 @@ class CudaOps:
         with torch.cuda.stream(side):
             host = torch.empty_like(t, device="cpu", pin_memory=True)
             host.copy_(t, non_blocking=True)
+        t.record_stream(side)  # the allocator reuses t's memory only after this copy, whoever frees t
         return host, side.record_event()
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
@@ -81,6 +82,7 @@ class CudaOps:
         side.wait_stream(torch.cuda.current_stream(device))  # its memory may be in use by queued work
         with torch.cuda.stream(side):
             out.copy_(host, non_blocking=True)
+        out.record_stream(side)  # a prefetch dropped unused (backward raised) is not reused mid-copy
         return out, side.record_event()
 
     def wait(self, event: Any, device: torch.device) -> None:
@@ -151,7 +153,8 @@ class _LayerScope:
         self.open.append(active)
 
     def exit(self, layer: nn.Module, args: Any, output: Any) -> None:
-        if self.open.pop():
+        # always_call: runs even when an earlier pre-hook raised before `enter`, with nothing to close
+        if self.open and self.open.pop():
             self.hooks.__exit__(None, None, None)
 
 
@@ -177,7 +180,11 @@ def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) ->
     for layer in layers:
         handles.append(layer.register_forward_pre_hook(scope.enter))
         handles.append(layer.register_forward_hook(scope.exit, always_call=True))
-    log.info("offload_activations: gradient checkpointing on; the inputs of %d decoder layers wait for "
-             "backward in pinned CPU memory (those of %d MiB or more, from a GPU)", len(layers),
-             offload.min_bytes // 2**20)  # fmt: skip
+    if torch.cuda.is_available():
+        log.info("offload_activations: gradient checkpointing on; the inputs of %d decoder layers wait for "
+                 "backward in pinned CPU memory (those of %d MiB or more, from a GPU)", len(layers),
+                 offload.min_bytes // 2**20)  # fmt: skip
+    else:
+        log.warning("offload_activations: gradient checkpointing on; no CUDA device, so nothing is offloaded "
+                    "(the layer inputs are already in CPU memory)")  # fmt: skip
     return handles

@@ -168,6 +168,10 @@ def decide(
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trained = sum(p.numel() * (p.element_size() + 8) for p in model.parameters() if p.requires_grad)
     head = CHUNK_LOGITS * 8  # bf16 + fp32 logits and the bf16 gradient of one chunk (fused_ce)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(out, "weight", None)
+    if w is not None and w.dtype == torch.float32 and autocast_dtype is not None:
+        head += w.numel() * 2  # fused_ce's bf16 copy of an fp32 head for its matmuls
     return plan(
         bytes_per_token=per_token,
         tokens=tokens,

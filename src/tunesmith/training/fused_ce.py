@@ -92,6 +92,7 @@ def _chunked(
     grad_h = torch.empty_like(hidden) if want_h else None
     # Accumulated in place with addmm (cuBLAS sums each chunk in fp32): no second [V, H] buffer.
     grad_w = torch.zeros_like(weight) if want_w else None
+    fp32_out = grad_w is not None and grad_w.is_cuda  # cuBLAS's fp32-output addmm, until a torch refuses it
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
     for start in range(0, hidden.shape[0], chunk_rows):
         end = min(start + chunk_rows, hidden.shape[0])
@@ -120,14 +121,16 @@ def _chunked(
         if grad_h is not None:
             grad_h[start:end] = g @ w_c
         if grad_w is not None:
-            _accumulate_product_(grad_w, g.t(), h)
+            fp32_out = _accumulate_product_(grad_w, g.t(), h, fp32_out)
     return total, rows, grad_h, grad_w, grad_b
 
 
 def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> torch.dtype:
-    """The dtype the head's matmuls run in. An fp32 weight (full fine-tuning keeps fp32 weights) runs in the
-    run's mixed precision ``mixed`` (bf16/fp16), as the model's own linear layers do under autocast, or in
-    autocast's dtype where autocast is on; any other weight in its own dtype.
+    """The dtype the head's matmuls run in. An fp32 weight (full fine-tuning keeps fp32 weights) of a bf16
+    run (``mixed``, or bf16 autocast on) runs them in bf16, as the model's own linear layers do under
+    autocast; any other weight, and every fp16 run, in the weight's own dtype. fp16 is left out on purpose:
+    the head's gradient is taken in the forward, before the loss scale exists, and fp16's range would round
+    the small softmax gradients of rare tokens to zero.
 
     ``mixed`` is needed because the trainer computes the loss after the model's forward, outside the autocast
     that accelerate wraps around that forward. Without it an fp32 head ran all its matmuls in fp32: on an
@@ -136,29 +139,32 @@ def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> tor
     """
     if weight.dtype != torch.float32:
         return weight.dtype
-    if mixed is not None:
-        return mixed
     kind = weight.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return torch.bfloat16 if torch.bfloat16 in (mixed, autocast) else weight.dtype
 
 
-def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in place, summed in fp32 by the matmul itself.
+def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> bool:
+    """``acc += a @ b`` in place; returns whether ``fp32_out`` still holds for the next chunk.
 
-    Same dtypes: one addmm. An fp32 ``acc`` of half-precision factors: on CUDA, cuBLAS writes the fp32 sum
-    straight into ``acc`` (addmm's ``out_dtype``); elsewhere (or a torch without it) the product is rounded
-    to the factors' dtype once per chunk and added in fp32, as a plain autocast linear's weight gradient is.
+    Same dtypes: one addmm. An fp32 ``acc`` of half-precision factors: with ``fp32_out`` (CUDA), cuBLAS writes
+    the fp32 sum straight into ``acc`` (addmm's ``out_dtype``); otherwise, or once a torch without it has
+    refused, the product is rounded to the factors' dtype once per chunk and added in fp32, as a plain
+    autocast linear's weight gradient is. Out of memory is never taken for a refusal.
     """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
+        return fp32_out
+    if fp32_out:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
+            return True
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError):  # a torch without out_dtype, or a GPU without the kernel
             pass
     acc.add_(a @ b)
+    return False
 
 
 def _scale_(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -347,9 +353,16 @@ class FusedHead:
     head: torch.nn.Linear
     transform: LogitTransform
     chunk_rows: int
-    mixed: torch.dtype | None = (
-        None  # the run's bf16/fp16 mixed precision, for an fp32 head (`compute_dtype`)
-    )
+    mixed: torch.dtype | None = None  # the run's mixed precision, for an fp32 head: `compute_dtype`
+
+    def describe(self) -> str:
+        """For the log: "head [151936, 896] float32, matmuls in bfloat16, <transform>, chunks of 220 rows"."""
+        w = self.head.weight
+        dtypes = [str(d).removeprefix("torch.") for d in (w.dtype, compute_dtype(w, self.mixed))]
+        return (
+            f"head {list(w.shape)} {dtypes[0]}, matmuls in {dtypes[1]}, {self.transform}, "
+            f"chunks of {self.chunk_rows} rows"
+        )
 
     def loss_sum(
         self,

@@ -178,10 +178,7 @@ class _PreferenceBase(MetricsTrainer):
             if base not in self._ref_heads:
                 self._ref_heads[base] = decision = self._decide_fused(base, probe)
                 if isinstance(decision, FusedHead):
-                    logger.info(
-                        "reference log-probs: fused lm_head (head %s, %s, chunks of %d rows)",
-                        list(decision.head.weight.shape), decision.transform, decision.chunk_rows,
-                    )  # fmt: skip
+                    logger.info("reference log-probs: fused lm_head (%s)", decision.describe())
                 else:
                     logger.info("reference log-probs: plain logits path (fused off: %s)", decision)
             decision = self._ref_heads[base]

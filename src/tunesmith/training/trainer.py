@@ -27,7 +27,7 @@ from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROWS
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
-from tunesmith.training.fused_ce import FusedHead, compute_dtype, probe_fused_head
+from tunesmith.training.fused_ce import FusedHead, probe_fused_head
 from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 
 logger = logging.getLogger("tunesmith.train")
@@ -136,13 +136,7 @@ class TunesmithTrainer(Trainer):
         if self._fused is None:
             self._fused = self._decide_fused(model, inputs)
             if isinstance(self._fused, FusedHead):
-                weight = self._fused.head.weight
-                logger.info(
-                    "loss: fused lm_head + cross-entropy (head %s %s, matmuls in %s, %s, chunks of %d rows)",
-                    list(weight.shape), str(weight.dtype).removeprefix("torch."),
-                    str(compute_dtype(weight, self._fused.mixed)).removeprefix("torch."), self._fused.transform,
-                    self._fused.chunk_rows,
-                )  # fmt: skip
+                logger.info("loss: fused lm_head + cross-entropy (%s)", self._fused.describe())
             else:
                 logger.info("loss: plain logits path (fused loss off: %s)", self._fused)
         return self._fused if isinstance(self._fused, FusedHead) else None
@@ -155,7 +149,9 @@ class TunesmithTrainer(Trainer):
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return "label_smoothing_factor or a custom compute_loss_func is set"
         probe = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")}
-        mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        mixed = (
+            torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        )  # fp16: fp32 head
         return probe_fused_head(self.accelerator.unwrap_model(model), probe, mixed=mixed)
 
     def create_optimizer(self, model: Any = None) -> Any:
