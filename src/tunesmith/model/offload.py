@@ -17,7 +17,8 @@ forward: the side stream waits for the compute stream, copies the tensor into pi
 blocking, and records an event; the GPU tensor is kept until the compute stream has waited for that event
 (at the next pack or the first unpack), so its memory is reused only after the copy, with no host sync.
 backward: unpacking layer k's input copies it back (unless prefetched), starts the copy of layer k-1's
-input, and makes the compute stream wait for layer k's. Pinned buffers come from PyTorch's caching host
+input, and makes the compute stream wait for layer k's; the last layer's input, still on the device when
+backward starts with it, is used as it is. Pinned buffers come from PyTorch's caching host
 allocator, so from the second step on they are reused, not allocated.
 """
 
@@ -95,6 +96,7 @@ class _Offloaded:
     def __init__(self, host: torch.Tensor, device: torch.device, before: weakref.ref | None) -> None:
         self.host, self.device, self.before = host, device, before
         self.back: tuple[torch.Tensor, Any] | None = None  # (device tensor, event) while on its way
+        self.held: torch.Tensor | None = None  # the device tensor itself, until its copy out is waited for
 
 
 class ActivationOffload:
@@ -102,7 +104,7 @@ class ActivationOffload:
 
     def __init__(self, ops: DeviceOps, min_bytes: int = MIN_BYTES) -> None:
         self.ops, self.min_bytes = ops, min_bytes
-        self._copying: list[tuple[torch.Tensor, Any]] = []  # device tensors until their copy is waited for
+        self._copying: list[tuple[_Offloaded, Any]] = []  # saved tensors whose copy out is not waited for
         self._last: weakref.ref | None = None  # the latest _Offloaded; weak, so a step's ones die with it
 
     def pack(self, t: torch.Tensor) -> Any:
@@ -114,27 +116,38 @@ class ActivationOffload:
             return t
         self._release_copied()
         host, event = self.ops.to_host(t)
-        self._copying.append((t, event))
         saved = _Offloaded(host, t.device, self._last)
+        saved.held = t
+        self._copying.append((saved, event))
         self._last = weakref.ref(saved)
         return saved
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, _Offloaded):
             return packed
+        held, packed.held = packed.held, None
+        # The last layer's input is still on the device when backward starts with it: no round trip (the
+        # allocator keeps its memory until the copy out is done, `CudaOps.to_host`).
+        self._copying = [(s, e) for s, e in self._copying if s is not packed]
         self._release_copied()
-        t, event = packed.back or self.ops.to_device(packed.host, packed.device)
+        t, event = (
+            (held, None)
+            if held is not None
+            else packed.back or self.ops.to_device(packed.host, packed.device)
+        )
         packed.back = None  # kept on the GPU only as long as backward uses it
         before = packed.before() if packed.before is not None else None
         if before is not None and before.back is None:  # backward needs it next: prefetch
             before.back = self.ops.to_device(before.host, before.device)
-        self.ops.wait(event, packed.device)
+        if event is not None:
+            self.ops.wait(event, packed.device)
         return t
 
     def _release_copied(self) -> None:
         """The compute stream waits for the copies started so far; then their device tensors may go."""
-        for t, event in self._copying:
-            self.ops.wait(event, t.device)
+        for saved, event in self._copying:
+            self.ops.wait(event, saved.device)
+            saved.held = None
         self._copying.clear()
 
 
