@@ -369,7 +369,8 @@ def memory_goal(runs: dict[str, dict], arch: str, method: str) -> dict:
     an --extra-side built on it, e.g. checkpointing on and tiled MLPs) against LLaMA-Factory's best.
 
     A side counts only when it measured a rate and (an extra side) its mean loss passes the best pair's guard
-    against lf-best: a memory setting that trains differently does not count. ``best_vs_best`` keeps ts-best's own ratio.
+    against lf-best: a memory setting that trains differently does not count. ``best_vs_best`` keeps
+    ts-best's own ratio.
     """
     lf = runs.get(f"{arch}/{method}/lf-best")
     name = "peak memory ratio at equal tokens per micro-batch"

@@ -247,8 +247,8 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     multi_gpu keeps one row per method set, engine set and --set options; predict_throughput keeps the
     newest throughput run and the newest identity check; train_throughput keeps the newest run per arch
     and method set, and per set of A/B (--extra-side) sides; profile_step_gpu the newest profiled run per
-    template and profiled variant, and the newest timing-only run per variant set; qlora_memory the newest run with the 2048 goal and the newest
-    context-only search.
+    template and profiled variant, and the newest timing-only run per variant set; qlora_memory the newest
+    run with the 2048 goal and the newest context-only search.
     """
     found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
     for path in sorted(results.glob("*.json")):

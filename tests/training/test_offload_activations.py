@@ -157,7 +157,11 @@ def test_small_tensors_weights_and_cpu_tensors_stay_where_they_are():
     assert ActivationOffload(CudaOps()).pack(cpu) is cpu
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CudaOps' streams, events and pinned memory exist only on a CUDA GPU (CI has none; the FakeOps tests "
+    "above cover the same bookkeeping); run on the device: pytest tests/training/test_offload_activations.py -k cuda",
+)
 def test_cuda_round_trip_frees_the_gpu_copy():
     offload = ActivationOffload(CudaOps())
     x = torch.randn(4, 2**20, device="cuda")  # 16 MiB

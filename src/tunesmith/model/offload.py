@@ -126,15 +126,14 @@ class ActivationOffload:
         if not isinstance(packed, _Offloaded):
             return packed
         held, packed.held = packed.held, None
-        # The last layer's input is still on the device when backward starts with it: no round trip (the
-        # allocator keeps its memory until the copy out is done, `CudaOps.to_host`).
         self._copying = [(s, e) for s, e in self._copying if s is not packed]
         self._release_copied()
-        t, event = (
-            (held, None)
-            if held is not None
-            else packed.back or self.ops.to_device(packed.host, packed.device)
-        )
+        if held is not None:
+            # the last layer's input, still on the device when backward starts with it: no round trip (the
+            # allocator keeps its memory until the copy out is done, `CudaOps.to_host`)
+            t, event = held, None
+        else:
+            t, event = packed.back or self.ops.to_device(packed.host, packed.device)
         packed.back = None  # kept on the GPU only as long as backward uses it
         before = packed.before() if packed.before is not None else None
         if before is not None and before.back is None:  # backward needs it next: prefetch

@@ -28,10 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.torch_version import TorchVersion
 
 from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels, target_rows
 
 PROBE_TOKENS = 16
+# cuBLAS's addmm into an fp32 `self` from bf16/fp16 factors (`out_dtype`, CUDA only): added in torch 2.8, an fp32
+# `self` and `out=` handled correctly from 2.10 (pytorch/pytorch#167931).
+ADDMM_FP32_OUT = TorchVersion(torch.__version__) >= (2, 10)
 PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
 
 
@@ -92,7 +96,6 @@ def _chunked(
     grad_h = torch.empty_like(hidden) if want_h else None
     # Accumulated in place with addmm (cuBLAS sums each chunk in fp32): no second [V, H] buffer.
     grad_w = torch.zeros_like(weight) if want_w else None
-    fp32_out = grad_w is not None and grad_w.is_cuda  # cuBLAS's fp32-output addmm, until a torch refuses it
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
     for start in range(0, hidden.shape[0], chunk_rows):
         end = min(start + chunk_rows, hidden.shape[0])
@@ -121,7 +124,7 @@ def _chunked(
         if grad_h is not None:
             grad_h[start:end] = g @ w_c
         if grad_w is not None:
-            fp32_out = _accumulate_product_(grad_w, g.t(), h, fp32_out)
+            _accumulate_product_(grad_w, g.t(), h)
     return total, rows, grad_h, grad_w, grad_b
 
 
@@ -144,27 +147,19 @@ def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> tor
     return torch.bfloat16 if torch.bfloat16 in (mixed, autocast) else weight.dtype
 
 
-def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> bool:
-    """``acc += a @ b`` in place; returns whether ``fp32_out`` still holds for the next chunk.
+def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place.
 
-    Same dtypes: one addmm. An fp32 ``acc`` of half-precision factors: with ``fp32_out`` (CUDA), cuBLAS writes
-    the fp32 sum straight into ``acc`` (addmm's ``out_dtype``); otherwise, or once a torch without it has
-    refused, the product is rounded to the factors' dtype once per chunk and added in fp32, as a plain
-    autocast linear's weight gradient is. Out of memory is never taken for a refusal.
+    Same dtypes: one addmm. An fp32 ``acc`` of half-precision factors: on CUDA (`ADDMM_FP32_OUT`), cuBLAS
+    writes the fp32 sum straight into ``acc``; otherwise the product is rounded to the factors' dtype once per
+    chunk and added in fp32, as a plain autocast linear's weight gradient is.
     """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return fp32_out
-    if fp32_out:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return True
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):  # a torch without out_dtype, or a GPU without the kernel
-            pass
-    acc.add_(a @ b)
-    return False
+    elif acc.is_cuda and ADDMM_FP32_OUT:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def _scale_(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:

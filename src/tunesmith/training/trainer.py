@@ -149,9 +149,8 @@ class TunesmithTrainer(Trainer):
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return "label_smoothing_factor or a custom compute_loss_func is set"
         probe = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")}
-        mixed = (
-            torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        )  # fp16: fp32 head
+        # the run's mixed precision (compute_dtype runs an fp32 head in bf16, never in fp16)
+        mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         return probe_fused_head(self.accelerator.unwrap_model(model), probe, mixed=mixed)
 
     def create_optimizer(self, model: Any = None) -> Any:
