@@ -59,7 +59,7 @@ def main() -> int:
     h = (torch.randn(rows, hidden, device=dev, generator=g) * 0.5).bfloat16()
     w = torch.randn(vocab, hidden, device=dev, generator=g) * 0.02
     t = torch.randint(0, vocab, (rows,), device=dev, generator=g)
-    chunk = default_chunk_rows(vocab)
+    chunk = default_chunk_rows(vocab, trained=True)  # w's gradient is taken
     results: dict = {"bench": "fused_ce_gpu_check", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
                      "shape": {"rows": rows, "hidden": hidden, "vocab": vocab, "chunk_rows": chunk}}  # fmt: skip

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.training.helpers import LogMessages, logged_losses, train, write_weighted_sft_data
 from tunesmith.data.collate import IGNORE_INDEX, CausalLMCollator
+from tunesmith.training import fused_ce
 from tunesmith.training.fused_ce import (
     FusedHead,
     LogitTransform,
@@ -160,6 +161,10 @@ def test_chunk_rows_bound_memory_for_any_vocabulary():
     assert default_chunk_rows(4_000) == 4096
     assert default_chunk_rows(152_064) == 256
     assert default_chunk_rows(10_000_000) == 256
+    # a trained head's chunk is 4x: its fp32 weight gradient is read and written once per chunk
+    assert default_chunk_rows(128_256, trained=True) == 1046
+    assert default_chunk_rows(152_064, trained=True) == 882
+    assert default_chunk_rows(32_000, trained=True) == 4096
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -279,13 +284,16 @@ def test_fused_head_equals_plain_path_on_tiny_models(kind, layout):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # really tied
 
 
-def test_probe_refuses_unknown_logit_transforms_and_wrapped_heads():
+def test_probe_refuses_unknown_logit_transforms_and_wrapped_heads(monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     batch = _batch(packed=False, weighted=False)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model = _tiny("cohere")
-    assert isinstance(probe_fused_head(model, inputs), FusedHead)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(fused_ce, "CHUNK_LOGITS_TRAINED", vocab * 300)  # the tiny vocabulary's chunks differ
+    fused = probe_fused_head(model, inputs)
+    assert isinstance(fused, FusedHead) and fused.chunk_rows == 300 != default_chunk_rows(vocab)  # trained
     model.config.logit_scale = 1.0  # the model keeps scaling by 0.5; the fused loss would not know
     reason = probe_fused_head(model, inputs)
     assert isinstance(reason, str) and "differs from the model's logits" in reason
@@ -295,7 +303,8 @@ def test_probe_refuses_unknown_logit_transforms_and_wrapped_heads():
     reason = probe_fused_head(lora_on_head, inputs)
     assert isinstance(reason, str) and "not a plain Linear" in reason
     lora = get_peft_model(_tiny("qwen2"), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert isinstance(probe_fused_head(lora, inputs), FusedHead)
+    fused = probe_fused_head(lora, inputs)
+    assert isinstance(fused, FusedHead) and fused.chunk_rows == default_chunk_rows(vocab)  # a frozen head
 
 
 def _run(model: Path, data: Path, out: Path, fused: bool, monkeypatch, **overrides) -> list[str]:

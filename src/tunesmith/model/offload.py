@@ -4,12 +4,13 @@ With gradient checkpointing, what a step keeps from forward to backward is mostl
 [tokens x hidden] per layer (0.7 GiB at 16k tokens for Qwen2.5-0.5B's 24 layers in bf16). PyTorch's
 non-reentrant checkpoint stores those inputs as saved tensors (`_CheckpointFrame.save_inputs`) before it
 pushes its own hooks, so saved_tensors_hooks active around the checkpoint see exactly them, and the
-recomputation in backward reads them through the unpack hook. transformers checkpoints a
-`GradientCheckpointingLayer`'s `forward`, inside `__call__`, so hooks opened by the layer's forward pre-hook
-and closed by its forward hook surround the checkpoint and nothing else: the loss head (whose fused
-cross-entropy saves a [vocab x hidden] gradient) and the recomputation stay on the GPU. (Checked on CPU with
-torch 2.13 and transformers 5.24: one tensor per layer, the same loss and gradients bit for bit; reentrant
-checkpointing would be seen the same way, through its CheckpointFunction's save_for_backward.)
+recomputation in backward reads them through the unpack hook. transformers' GradientCheckpointingLayer calls
+its `_gradient_checkpointing_func` for the checkpoint (every 5.x release; what it checkpoints differs: 5.17
+the module's `__call__`, 5.24 its `forward`), so the hooks are opened by a wrapper of that function and
+surround the checkpoint and nothing else: the loss head (whose fused cross-entropy saves a [vocab x hidden]
+gradient) and the recomputation stay on the GPU. (Checked on CPU with torch 2.13 and transformers 5.17 and
+5.24: one tensor per layer, the same loss and gradients bit for bit; reentrant checkpointing would be seen
+the same way, through its CheckpointFunction's save_for_backward.)
 
 `ActivationOffload` holds the rules (what moves, when a GPU copy may be freed, what to prefetch);
 `CudaOps` issues the copies, on a side stream per device, as torchtune's OffloadActivations does:
@@ -150,36 +151,31 @@ class ActivationOffload:
         self._copying.clear()
 
 
-class _LayerScope:
-    """Opens the hooks when a checkpointed layer starts and closes them when it returns (or raises)."""
+class _OffloadedCheckpoint:
+    """A decoder layer's checkpoint function with the offload hooks open around the call, and only it.
 
-    def __init__(self, offload: ActivationOffload) -> None:
+    transformers' GradientCheckpointingLayer checkpoints through its ``_gradient_checkpointing_func`` (set by
+    ``gradient_checkpointing_enable``) in every 5.x release, whether the checkpointed callable is ``forward``
+    (5.24) or the module's ``__call__`` with its hooks (5.17): wrapping that function surrounds exactly the
+    checkpoint, which saves the layer's input, and nothing the layer saves inside it.
+    """
+
+    def __init__(self, checkpoint: Any, offload: ActivationOffload) -> None:
+        self.checkpoint = checkpoint
         self.hooks = torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack)
-        self.open: list[bool] = []
 
-    def enter(self, layer: nn.Module, args: Any) -> None:
-        # the condition under which the layer checkpoints itself (transformers' GradientCheckpointingLayer)
-        active = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
-        if active:
-            self.hooks.__enter__()
-        self.open.append(active)
-
-    def exit(self, layer: nn.Module, args: Any, output: Any) -> None:
-        # always_call: runs even when an earlier pre-hook raised before `enter`, with nothing to close
-        if self.open and self.open.pop():
-            self.hooks.__exit__(None, None, None)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.hooks:
+            return self.checkpoint(*args, **kwargs)
 
 
-def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) -> list[Any]:
-    """Route what each checkpointed decoder layer saves (its input) through ``offload``; the hook handles."""
+def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) -> None:
+    """Route what each checkpointed decoder layer saves (its input) through ``offload``.
+
+    Call after gradient checkpointing is enabled: enabling it again sets a plain checkpoint function.
+    """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if "__call__" in vars(GradientCheckpointingLayer):  # it checkpoints __call__, module hooks included
-        raise TunesmithError(
-            "offload_activations needs a transformers whose GradientCheckpointingLayer checkpoints `forward` "
-            "(5.24 does), so that the layer's hooks surround the checkpoint. Fix: upgrade transformers, or "
-            "remove offload_activations"
-        )
     for layer in layers:
         if not isinstance(layer, GradientCheckpointingLayer) or not layer.gradient_checkpointing:
             raise TunesmithError(
@@ -187,11 +183,11 @@ def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) ->
                 "transformers' GradientCheckpointingLayer, so its saved tensors cannot be offloaded. "
                 "Fix: remove offload_activations (or turn gradient checkpointing on)"
             )
-    scope = _LayerScope(offload)
-    handles = []
     for layer in layers:
-        handles.append(layer.register_forward_pre_hook(scope.enter))
-        handles.append(layer.register_forward_hook(scope.exit, always_call=True))
+        if not isinstance(layer._gradient_checkpointing_func, _OffloadedCheckpoint):
+            layer._gradient_checkpointing_func = _OffloadedCheckpoint(
+                layer._gradient_checkpointing_func, offload
+            )
     if torch.cuda.is_available():
         log.info("offload_activations: gradient checkpointing on; the inputs of %d decoder layers wait for "
                  "backward in pinned CPU memory (those of %d MiB or more, from a GPU)", len(layers),
@@ -199,4 +195,3 @@ def offload_layer_inputs(layers: list[nn.Module], offload: ActivationOffload) ->
     else:
         log.warning("offload_activations: gradient checkpointing on; no CUDA device, so nothing is offloaded "
                     "(the layer inputs are already in CPU memory)")  # fmt: skip
-    return handles

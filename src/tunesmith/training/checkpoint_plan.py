@@ -157,7 +157,7 @@ def decide(
 ) -> CheckpointPlan:
     """Move ``model`` to ``device``, measure its activations and plan (``device_bytes``: the card's memory,
     read from the device when None). The loss head is taken as the fused loss's chunk."""
-    from tunesmith.training.fused_ce import CHUNK_LOGITS
+    from tunesmith.training.fused_ce import default_chunk_rows
 
     model.to(device)
     if device_bytes is None:
@@ -167,9 +167,11 @@ def decide(
     )
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trained = sum(p.numel() * (p.element_size() + 8) for p in model.parameters() if p.requires_grad)
-    head = CHUNK_LOGITS * 8  # bf16 + fp32 logits and the bf16 gradient of one chunk (fused_ce)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     w = getattr(out, "weight", None)
+    trained_head = w is not None and w.requires_grad
+    # bf16 + fp32 logits and the bf16 gradient of one chunk of the fused loss
+    head = default_chunk_rows(vocab_size, trained_head) * vocab_size * 8
     if w is not None and w.dtype == torch.float32 and autocast_dtype is not None:
         head += w.numel() * 2  # fused_ce's bf16 copy of an fp32 head for its matmuls
     return plan(

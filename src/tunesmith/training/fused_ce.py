@@ -40,17 +40,25 @@ PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed s
 
 
 CHUNK_LOGITS = 2**25  # a chunk holds its logits in bf16 and fp32, then the bf16 gradient: 6 B each, 192 MiB
+CHUNK_LOGITS_TRAINED = 2**27  # a trained head's chunk: 768 MiB, beside its [V x H] fp32 weight gradient
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk: about ``CHUNK_LOGITS`` logits a chunk, between 256 and 4096 rows.
+def default_chunk_rows(vocab_size: int, trained: bool = False) -> int:
+    """Rows per chunk: about ``CHUNK_LOGITS`` logits a chunk (4x that for a trained head), 256 to 4096 rows.
 
     The chunk is the loss's whole transient memory, so it decides QLoRA's peak at short contexts: on
     Llama-3.1-8B at 2048 tokens, 2**27 logits a chunk (1046 rows, 768 MiB) put the peak at 7.57 GiB
     (bench/qlora_memory.py, H200). A chunk of 2**25 still runs a [rows x hidden] x [hidden x vocab]
-    matmul of tens of GFLOP, so the GPU stays busy.
+    matmul of tens of GFLOP, so the GPU stays busy: a frozen head's forward and backward over 12,000 rows
+    take 45 ms at 261 rows a chunk against 41 ms at 1,044 (Llama-3.2-1B's head, H200).
+    A trained head also adds each chunk's product into its fp32 [V x H] weight gradient, a full read and
+    write of it per chunk, so small chunks cost more there: 83 ms at 261 rows, 54 ms at 1,044, 50 ms at
+    2,088 (Qwen2.5-0.5B's: 68, 46, 43 ms at 220, 880, 1,760 rows; the plain full-logits path 45 and 37 ms;
+    bench/results/fused_ce_gpu_check-2026-11-28T1057Z-*-h200.json). Full fine-tuning holds that gradient
+    anyway (1 GiB for Llama-3.2-1B), so its chunk is 2**27 logits.
     """
-    return max(256, min(4096, CHUNK_LOGITS // max(vocab_size, 1)))
+    budget = CHUNK_LOGITS_TRAINED if trained else CHUNK_LOGITS
+    return max(256, min(4096, budget // max(vocab_size, 1)))
 
 
 @dataclass(frozen=True)
@@ -226,7 +234,7 @@ def linear_cross_entropy(
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
     ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`).
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad)
     dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
         return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3, dtype)[0]
@@ -318,7 +326,7 @@ def linear_token_logps(
     Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
     more than ``chunk_rows x V`` logits, forward or backward.
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad)
     dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():
         return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3, dtype)[1].neg_()
@@ -474,7 +482,8 @@ def probe_fused_head(
             f"head(hidden) with {transform} differs from the model's logits by {error:.2g} of the largest "
             "logit: the model transforms its logits in a way the fused loss does not know"
         )
-    return FusedHead(head, transform, chunk_rows or default_chunk_rows(head.weight.shape[0]), mixed)
+    rows = chunk_rows or default_chunk_rows(head.weight.shape[0], head.weight.requires_grad)
+    return FusedHead(head, transform, rows, mixed)
 
 
 __all__ = [
