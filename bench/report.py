@@ -147,15 +147,23 @@ def _train_goals(d: dict) -> list[dict]:
     return tb.evaluate(runs, archs, methods)[0] if runs else d.get("goals", [])
 
 
-def train_throughput(d: dict) -> str | None:
-    goals = [g for g in _train_goals(d) if g.get("value") is not None]
+def _best_vs_best(goal: dict) -> str:
+    return "" if goal.get("best_vs_best") is None else f"; ts-best {goal['best_vs_best']}"
+
+
+def train_throughput_cells(d: dict) -> list[tuple[str, str]]:
+    """(key, text) of each measured goal and each A/B side of a result; the key names what it measures."""
     cells = [
-        f"{g['arch']} {g['method']} {g['goal']}: {g['value']}"
-        + (f" ({g['side']}; ts-best {g['best_vs_best']})" if g.get("side") not in (None, "ts-best") else "")
-        + f" ({g['target']}: {'pass' if g['pass'] else 'FAIL'})"
-        for g in goals
+        (
+            f"{g['arch']}:{g['method']}:{g['goal']}",
+            f"{g['arch']} {g['method']} {g['goal']}: {g['value']}"
+            + (f" ({g['side']}{_best_vs_best(g)})" if g.get("side") not in (None, "ts-best") else "")
+            + f" ({g['target']}: {'pass' if g['pass'] else 'FAIL'})",
+        )
+        for g in _train_goals(d)
+        if g.get("value") is not None
     ]
-    runs = d.get("runs", {})
+    runs, sets = d.get("runs", {}), d.get("settings", {}).get("sets") or {}
     for name, base in (d.get("settings", {}).get("extra_sides") or {}).items():
         for key, run in runs.items():  # an A/B in the same run: the named side against its variant
             arch, method, side = key.split("/")
@@ -163,11 +171,19 @@ def train_throughput(d: dict) -> str | None:
             if side != name or not run.get("steady") or not other.get("steady"):
                 continue
             a, b = other["steady"]["tokens_per_s"], run["steady"]["tokens_per_s"]
-            flags = ", ".join(f"{k}={v}" for k, v in (d["settings"].get("sets") or {}).get(base, {}).items())
+            flags = {s: ", ".join(f"{k}={v}" for k, v in sets.get(s, {}).items()) for s in (base, name)}
+            label = {s: f"{s} ({flags[s]})" if flags[s] else s for s in (base, name)}
             cells.append(
-                f"{arch} {method} {base} ({flags}) vs {name}: {a:,.0f} vs {b:,.0f} tok/s, {_x(a / b)}"
+                (
+                    f"{arch}:{method}:ab:{label[base]}:{label[name]}",
+                    f"{arch} {method} {label[base]} vs {label[name]}: {a:,.0f} vs {b:,.0f} tok/s, {_x(a / b)}",
+                )
             )
-    return "; ".join(cells) or None
+    return cells
+
+
+def train_throughput(d: dict) -> str | None:
+    return "; ".join(text for _, text in train_throughput_cells(d)) or None
 
 
 def qlora_memory(d: dict) -> str | None:
@@ -245,8 +261,9 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
 
     multi_gpu keeps one row per method set, engine set and --set options; predict_throughput keeps the
-    newest throughput run and the newest identity check; train_throughput keeps the newest run per arch
-    and method set, and per set of A/B (--extra-side) sides; profile_step_gpu the newest profiled run per
+    newest throughput run and the newest identity check; train_throughput keeps the newest measurement of
+    each goal per arch and method, and of each A/B (--extra-side) pair; fused_ce_gpu_check the newest run
+    per head shape; profile_step_gpu the newest profiled run per
     template and profiled variant, and the newest timing-only run per variant set; qlora_memory the newest
     run with the 2048 goal and the newest context-only search.
     """
@@ -268,11 +285,13 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
         if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
             sub = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"])) + ":"
             sub += "+".join(c["engine"] for c in d["comparisons"]) + ":" + json.dumps(d.get("sets") or {})
-        elif kind == "train_throughput":  # a row per arch and method set, and per set of A/B sides
-            keys = [k.split("/") for k in d.get("runs") or {}]
-            sub = "+".join(sorted({k[0] for k in keys})) + ":" + "+".join(sorted({k[1] for k in keys}))
-            extra = d.get("settings", {}).get("extra_sides")
-            sub += ":ab:" + ",".join(sorted(extra)) if extra else ""
+        elif kind == "train_throughput":  # a row per goal of each arch and method, and per A/B pair
+            for cell_key, text in train_throughput_cells(d):
+                if (kind, cell_key) not in found or d["date"] > found[(kind, cell_key)][0]:
+                    found[(kind, cell_key)] = (d["date"], d | {"_line": text}, path)
+            continue
+        elif kind == "fused_ce_gpu_check":  # a row per head shape
+            sub = json.dumps(d["shape"], sort_keys=True)
         elif kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
             base = d.get("base") or {}
             sub = (
@@ -295,7 +314,7 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     for kind in HEADLINES:
         for (k, _), (date, d, path) in sorted(found.items()):
             if k == kind:
-                line = HEADLINES[kind](d) or ""
+                line = d.get("_line") or HEADLINES[kind](d) or ""
                 out.append((kind, line, _device(d), _versions(d), date[:10], f"bench/results/{path.name}"))
     return out
 

@@ -107,3 +107,23 @@ def test_fused_head_check_headline():
         "in bf16 83.5 ms vs fp32 483.9 ms (5.79×); plain logits path 44.5 ms; gradients vs plain: pass"
     )
     assert report.fused_ce_gpu_check(d | {"device": "cpu"}) is None
+
+
+def test_each_training_goal_shows_its_newest_measurement(tmp_path):
+    """A newer run that measures only the memory goal keeps the older run's best-vs-best row."""
+    gpu = {"cuda": True, "name": "NVIDIA H200", "count": 1}
+    both = {"qwen/lora/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0, "losses": [1.0]},
+            "qwen/lora/lf-best": {"steady": {"tokens_per_s": 30.0}, "peak_mem_gib": 3.0, "losses": [1.0]}}  # fmt: skip
+    memory = {"qwen/lora/lf-best": both["qwen/lora/lf-best"],
+              "qwen/lora/ts-off": {"steady": {"tokens_per_s": 10.0}, "peak_mem_gib": 1.5, "losses": [1.0],
+                                   "base_side": "ts-best"}}  # fmt: skip
+    for name, date, runs in (("old.json", "2026-01-01", both), ("new.json", "2026-02-01", memory)):
+        _write(tmp_path, name, {"bench": "train_throughput", "date": date, "device": gpu, "versions": {},
+                                "runs": runs})  # fmt: skip
+    got = {row[1]: row[5] for row in report.rows(tmp_path)}
+    assert got == {
+        "qwen lora best vs best tokens/s ratio: 3.0 (≥ 2.0: pass)": "bench/results/old.json",
+        "qwen lora peak memory ratio at equal tokens per micro-batch: 0.5 (ts-off) (≤ 0.7: pass)": (
+            "bench/results/new.json"
+        ),
+    }
