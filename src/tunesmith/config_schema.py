@@ -106,7 +106,14 @@ class FinetuningArgs:
     additional_target: tuple[str, ...] = opt((), "Extra modules trained in full besides LoRA (e.g. lm_head).")
     pure_bf16: bool = opt(
         False,
-        "Keep trained weights in bf16 (no fp32 copy): less memory, but small updates are lost to rounding.",
+        "Keep trained weights in bf16 (no fp32 copy): less memory. AdamW then rounds updates stochastically "
+        "(stochastic_rounding), so small updates are kept on average.",
+    )
+    stochastic_rounding: bool = opt(
+        True,
+        "With pure_bf16 and optim adamw_torch(_fused): AdamW writes bf16 weights and moments back with "
+        "stochastic rounding; false rounds to nearest (LLaMA-Factory's pure_bf16: updates below bf16's "
+        "resolution are lost).",
     )
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling.")

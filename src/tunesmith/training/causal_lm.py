@@ -352,6 +352,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         processing_class=run.tokenizer,
         callbacks_bundle=bundle,
         loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
+        stochastic_rounding=cfg.finetuning.pure_bf16 and cfg.finetuning.stochastic_rounding,
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
     )
     if cfg.finetuning.early_stopping_steps:

@@ -162,6 +162,7 @@ def train_preference(cfg: Config) -> TrainResult:
         "processing_class": tokenizer,
         "callbacks_bundle": bundle,
         "loraplus_lr_ratio": f.loraplus_lr_ratio,
+        "stochastic_rounding": f.pure_bf16 and f.stochastic_rounding,
     }
     if stage == "rm":
         collator = PairwiseCollator(tokenizer.pad_token_id, multiple)

@@ -125,6 +125,7 @@ def train_rl(cfg: Config) -> TrainResult:
     trainer = RLTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collate_prompts,
         processing_class=tokenizer, callbacks_bundle=bundle, loraplus_lr_ratio=f.loraplus_lr_ratio,
+        stochastic_rounding=f.pure_bf16 and f.stochastic_rounding,
         algorithm=algorithm, iterations=f.grpo_iterations if stage == "grpo" else f.ppo_epochs,
         with_value_head=stage == "ppo",
     )  # fmt: skip

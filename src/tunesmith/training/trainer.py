@@ -1,4 +1,5 @@
-"""The one HF Trainer subclass: token counting + loss watchdog per step, fused or weighted loss, LoRA+ groups.
+"""The one HF Trainer subclass: token counting + loss watchdog per step, fused or weighted loss, LoRA+ groups,
+pure_bf16's stochastic-rounding AdamW.
 
 Loss normalisation: transformers' Trainer counts the supervised tokens of the whole gradient-accumulation
 window (`num_items_in_batch`) and the summed token losses are divided by it, so the loss is a mean over
@@ -33,6 +34,9 @@ from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 logger = logging.getLogger("tunesmith.train")
 
 
+STOCHASTIC_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # optim names StochasticAdamW replaces
+
+
 class TunesmithTrainer(Trainer):
     def __init__(
         self,
@@ -40,11 +44,13 @@ class TunesmithTrainer(Trainer):
         callbacks_bundle: TrainCallbacks,
         loraplus_lr_ratio: float | None = None,
         fused_loss: bool = True,
+        stochastic_rounding: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, callbacks=callbacks_bundle.as_list(), **kwargs)
         self.bundle = callbacks_bundle
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.stochastic_rounding = stochastic_rounding
         self.fused_loss = fused_loss
         self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
@@ -154,15 +160,47 @@ class TunesmithTrainer(Trainer):
         return probe_fused_head(self.accelerator.unwrap_model(model), probe, mixed=mixed)
 
     def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is not None or not self.loraplus_lr_ratio:
+        stochastic = self.optimizer is None and self._stochastic_rounding()
+        if self.optimizer is not None or not (self.loraplus_lr_ratio or stochastic):
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        a = self.args
         groups = build_optimizer_param_groups(
-            self.model, self.args.learning_rate, self.loraplus_lr_ratio, self.args.weight_decay
+            self.model, a.learning_rate, self.loraplus_lr_ratio, a.weight_decay
         )
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        if stochastic:
+            from tunesmith.training.stochastic_adamw import StochasticAdamW
+
+            self.optimizer = StochasticAdamW(
+                groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon
+            )
+            logger.info(
+                "optimizer: AdamW with stochastic rounding of the bf16 weights and moments (pure_bf16)"
+            )
+            return self.optimizer
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(a, self.model)
         optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        self.optimizer = optimizer_cls(groups, lr=a.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def _stochastic_rounding(self) -> bool:
+        """Whether pure_bf16's bf16 weights get `StochasticAdamW`: asked for, some trained weight is bf16, the
+        optimizer is torch's AdamW, and no DeepSpeed/FSDP (which keep fp32 master weights of their own)."""
+        if not self.stochastic_rounding:
+            return False
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        if (
+            not any(p.dtype == torch.bfloat16 for p in trained)
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            return False
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if optim not in STOCHASTIC_OPTIMS:
+            logger.warning("optimizer: %s updates the bf16 weights of pure_bf16 rounded to nearest: updates below "
+                        "bf16's resolution are lost. Fix: optim adamw_torch_fused (stochastic rounding), or "
+                        "pure_bf16 false (fp32 weights)", optim)  # fmt: skip
+            return False
+        return True
 
 
 def weighted_causal_lm_loss(
