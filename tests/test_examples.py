@@ -27,6 +27,7 @@ def test_there_are_examples():
         "sft_from_jsonl.yaml",
         "qwen2.5_lora_sft_fast.yaml",  # docs/performance.md's two recipes
         "qwen2.5_lora_sft_low_memory.yaml",
+        "llama3.2_full_sft_low_memory.yaml",
     } <= names
 
 
