@@ -291,7 +291,7 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
                     found[(kind, cell_key)] = (d["date"], d | {"_line": text}, path)
             continue
         elif kind == "fused_ce_gpu_check":  # a row per head shape
-            sub = json.dumps(d["shape"], sort_keys=True)
+            sub = json.dumps({k: d["shape"].get(k) for k in ("rows", "hidden", "vocab")}, sort_keys=True)
         elif kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
             base = d.get("base") or {}
             sub = (

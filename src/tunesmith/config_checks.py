@@ -306,6 +306,14 @@ def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[
             "compiled decoder layer's call, which the compiler would have to trace",
             "remove offload_activations, or set torch_compile: false",
         )
+    again = [k for k in ("gradient_checkpointing", "activation_checkpointing") if hf.get(k)]
+    if v["offload_activations"] and again:
+        add(
+            again[0],
+            f"{again[0]}: true makes transformers' Trainer turn checkpointing on again when training starts, "
+            "which replaces the checkpoint function offload_activations wraps: offloading would silently stop",
+            f"remove {again[0]} (offload_activations turns checkpointing on itself)",
+        )
     if lora and v["pissa_init"] and zero is not None and zero.stage == 3:
         add(
             "pissa_init",

@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+from torch import nn
 
 from tests.training.helpers import LogMessages, logged_losses, run_config, train
 from tunesmith.model.compile import decoder_layers
@@ -118,6 +119,37 @@ def test_the_hooks_move_each_decoder_layers_input_and_nothing_else(method, tile,
     loss.backward()
     # backward brought every one back but the last (still on the device): one copy each, prefetched
     assert [kind for kind, _ in ops.log].count("to_device") == sum(movable) - 1
+
+
+def test_a_layer_that_checkpoints_its_whole_call_moves_only_its_input(tiny_model_dir, monkeypatch):
+    """transformers 5.17's GradientCheckpointingLayer checkpoints the module's whole `__call__` (forward
+    hooks included), 5.24 only `forward`: the hooks wrap the checkpoint function, so with either one they
+    see each layer's input alone, and losses and gradients are unchanged."""
+    import functools
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def whole_call(self, *args, **kwargs):  # the module's hooks and forward, not checkpointed again (5.24's
+        self.gradient_checkpointing = False  # forward checkpoints itself; 5.17's did not)
+        try:
+            return nn.Module.__call__(self, *args, **kwargs)
+        finally:
+            self.gradient_checkpointing = True
+
+    def call_5_17(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(functools.partial(whole_call, self, **kwargs), *args)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call_5_17)
+    want = _loss_and_grads(_model(tiny_model_dir, "full", ops=None))
+    ops = FakeOps()
+    model = _model(tiny_model_dir, "full", ops=ops)
+    got = _loss_and_grads(model)
+    assert ops.moved == [((3, 40, model.config.hidden_size), False)] * model.config.num_hidden_layers
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_pack_keeps_the_device_tensor_until_its_copy_is_waited_for_and_unpack_prefetches():
@@ -231,6 +263,7 @@ def test_offloading_turns_checkpointing_on_and_auto_does_not_probe(tiny_model_di
         ({"deepspeed": "zero2"}, "offload_activations.*with DeepSpeed"),
         ({"fsdp": "full_shard auto_wrap"}, "offload_activations.*with FSDP"),
         ({"disable_gradient_checkpointing": True}, "disable_gradient_checkpointing.*checkpointing off"),
+        ({"gradient_checkpointing": True}, "gradient_checkpointing.*offloading would silently stop"),
     ],
 )
 def test_offloading_is_refused_with_compile_engines_and_checkpointing_off(

@@ -78,9 +78,37 @@ def test_state_round_trips_and_bf16_moments_stay_bf16():
     _steps(params, opt, steps=2)
     state = opt.state[params[0]]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and float(state["step"]) == 2
-    again = StochasticAdamW(_params(torch.bfloat16), lr=1e-3)
+    before = state["exp_avg"].clone()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = StochasticAdamW(resumed, lr=1e-3, weight_decay=0.01)
     again.load_state_dict(opt.state_dict())
-    assert float(again.state[again.param_groups[0]["params"][0]]["step"]) == 2
+    _steps(resumed, again, steps=1)  # the loaded moments and step count carry on
+    s = again.state[resumed[0]]
+    assert float(s["step"]) == 3 and s["exp_avg"].dtype == torch.bfloat16
+    assert not torch.equal(s["exp_avg"], before)
+
+
+def test_sliced_and_strided_bf16_weights_train_alike(monkeypatch):
+    """Slices (a weight over several) and a non-contiguous weight (updated in one pass) give the same
+    expected update as one flat pass: each element moves by about lr per step under a constant gradient."""
+    monkeypatch.setattr(stochastic_adamw, "SLICE", 1000)
+    w = torch.nn.Parameter(torch.ones(64, 96, dtype=torch.bfloat16).t())  # 6,144 elements, transposed
+    flat = torch.nn.Parameter(torch.ones(6144, dtype=torch.bfloat16))  # 7 slices
+    assert not w.is_contiguous()
+    opt = StochasticAdamW([w, flat], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        w.grad, flat.grad = torch.ones_like(w), torch.ones_like(flat)
+        opt.step()
+    for p in (w, flat):
+        assert 1.0 - p.float().mean().item() == pytest.approx(1e-2, rel=0.05)
+
+
+def test_non_finite_values_stay_non_finite_and_fp16_is_refused():
+    out = torch.empty(4, dtype=torch.bfloat16)
+    stochastic_round_(out, torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")]))
+    assert out[:2].isnan().all() and out[2:].tolist() == [float("inf"), -float("inf")]
+    with pytest.raises(ValueError, match="fp16 weights"):
+        StochasticAdamW(_params(torch.float16))
 
 
 def _changed_share(tiny_model_dir, out) -> float:
@@ -112,3 +140,18 @@ def test_pure_bf16_runs_keep_updates_below_bf16_resolution(tiny_model_dir, sft_d
         assert len(logged_losses(out)) == 12
         share[rounding] = _changed_share(tiny_model_dir, out)
     assert share[True] > 0.3 and share[False] < 0.2, share
+
+
+def test_pure_bf16_with_another_optimizer_says_updates_are_rounded_to_nearest(
+    tiny_model_dir, sft_data, tmp_path
+):
+    handler = LogMessages()
+    logging.getLogger("tunesmith.train").addHandler(handler)
+    try:
+        train(tiny_model_dir, sft_data, tmp_path, finetuning_type="full", pure_bf16=True, bf16=True, use_cpu=True,
+              optim="adafactor", max_steps=2)  # fmt: skip
+    finally:
+        logging.getLogger("tunesmith.train").removeHandler(handler)
+    assert not [m for m in handler.messages if m.startswith("optimizer: AdamW with stochastic rounding")]
+    (warned,) = [m for m in handler.messages if m.startswith("optimizer: adafactor updates the bf16 weights")]
+    assert "Fix: optim adamw_torch_fused" in warned

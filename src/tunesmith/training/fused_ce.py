@@ -234,7 +234,7 @@ def linear_cross_entropy(
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
     ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`).
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad and torch.is_grad_enabled())
     dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
         return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3, dtype)[0]
@@ -326,7 +326,7 @@ def linear_token_logps(
     Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
     more than ``chunk_rows x V`` logits, forward or backward.
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad and torch.is_grad_enabled())
     dtype = compute_dtype(weight, mixed)
     if not torch.is_grad_enabled():
         return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3, dtype)[1].neg_()

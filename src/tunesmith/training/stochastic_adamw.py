@@ -10,8 +10,10 @@ the weight's dtype too (bf16: 2 + 2 bytes a weight instead of fp32's 8), rounded
 moment's 0.1% steps are not lost either. fp32 weights are updated exactly, as torch's AdamW does.
 
 The work goes a slice of ``SLICE`` elements at a time, so a 262M-element embedding never needs more than a
-few fp32 slices of scratch memory. The noise comes from a generator of its own per device, seeded from
-torch's initial seed: the run's other random streams (dropout, sampling) are the same as without it.
+few fp32 slices of scratch memory. The noise comes from a generator of its own per device, seeded with the
+run's seed (the same on every rank, so data-parallel replicas stay identical): the run's other random
+streams (dropout, sampling) are the same as without it. The generators are not part of the optimizer's
+state: a resumed run draws fresh noise, which changes nothing in expectation. fp16 weights are refused.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ def stochastic_round_(
     bf16 is the top half of fp32's bits: adding a uniform random 16-bit number to the bits and clearing the
     low half rounds the magnitude up with probability (dropped bits / 2**16).
     """
+    nan = value.isnan()  # NaN's bits plus noise can carry into the sign or exponent: NaN stays NaN
     bits = value.view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    noise.masked_fill_(~value.isfinite(), 0)  # inf and NaN are not rounded
     bits.add_(noise).bitwise_and_(-(1 << 16))
     dst.copy_(value)  # exact: the low bits are zero
+    dst.masked_fill_(nan, float("nan"))
 
 
 class StochasticAdamW(torch.optim.Optimizer):
@@ -50,15 +55,22 @@ class StochasticAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        seed: int = 0,
     ) -> None:
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"StochasticAdamW: invalid lr {lr}, betas {betas}, eps {eps} or weight_decay")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        half = [p.shape for g in self.param_groups for p in g["params"] if p.dtype == torch.float16]
+        if half:  # fp16 moments would underflow (v of a gradient below 8e-3 is 0 in fp16)
+            raise ValueError(
+                f"StochasticAdamW: fp16 weights ({len(half)}) are not supported; bf16 or fp32 only"
+            )
+        self.seed = seed  # the same on every rank: data-parallel replicas round alike and stay identical
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(torch.initial_seed())
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
     @torch.no_grad()
@@ -84,7 +96,11 @@ class StochasticAdamW(torch.optim.Optimizer):
                 size = lr / (1 - beta1**step)
                 root = (1 - beta2**step) ** 0.5
                 generator = self._generator(p.device) if p.dtype == torch.bfloat16 else None
-                flat = [t.view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if not all(t.is_contiguous() for t in tensors):  # no flat view: one elementwise pass
+                    self._update(*tensors, lr, beta1, beta2, eps, decay, size, root, generator)
+                    continue
+                flat = [t.view(-1) for t in tensors]
                 for start in range(0, p.numel(), SLICE):
                     w, g, m, v = (t[start : start + SLICE] for t in flat)
                     self._update(w, g, m, v, lr, beta1, beta2, eps, decay, size, root, generator)

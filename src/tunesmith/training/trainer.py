@@ -171,7 +171,11 @@ class TunesmithTrainer(Trainer):
             from tunesmith.training.stochastic_adamw import StochasticAdamW
 
             self.optimizer = StochasticAdamW(
-                groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon
+                groups,
+                lr=a.learning_rate,
+                betas=(a.adam_beta1, a.adam_beta2),
+                eps=a.adam_epsilon,
+                seed=a.seed,
             )
             logger.info(
                 "optimizer: AdamW with stochastic rounding of the bf16 weights and moments (pure_bf16)"
