@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tunesmith.demo
 
+# Two pytest workers, each file on one (--dist loadfile keeps a file's module fixtures in one process): on the
+# 2-core CI machine the suite took 8 min instead of 11.5 min serially (both green, 2026-11-28).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
