@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 TARGET_BYTES = 200 * 2**20
-MAX_RSS_MB = 1536
+MAX_RSS_MB = 512  # the reader peaks near 50 MiB; loading the 200 MiB file whole would pass 1 GiB
 
 # Iterates every record with progress on and reports rows, the last record's line, speed and peak RSS.
 # ru_maxrss of a child starts at the parent's RSS at fork (Linux keeps it across exec), so VmHWM, this
-# process's own peak, is reported too.
+# process's own peak (a new address space at exec), is reported too and is what the test bounds.
 READ_SCRIPT = """
 import json, re, resource, sys
 from pathlib import Path
@@ -102,7 +102,9 @@ def test_big_file_streams_in_bounded_memory(tmp_path, array):
     assert report["rows"] == report["stats_rows"] == rows
     assert report["last_line"] == last_line
     assert report["last_keys"] == ["input", "instruction", "output"]
-    assert report["max_rss_mb"] < MAX_RSS_MB and report["vm_hwm_mb"] < MAX_RSS_MB
+    # VmHWM is the reader's own peak; ru_maxrss also holds the RSS of the process that started it (a pytest
+    # worker that has run many tests), so it is reported, not judged
+    assert report["vm_hwm_mb"] < MAX_RSS_MB
     assert report["rows_per_s"] > 0
     assert "rows/s" in proc.stderr and "B/s" in proc.stderr  # the tqdm bar over bytes
     assert f"read {rows:,} rows from {path} in " in proc.stderr
