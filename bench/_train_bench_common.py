@@ -442,7 +442,12 @@ def summary_table(runs: dict[str, dict], goals: list[dict], guards: list[dict]) 
         )
     word = {True: "PASS", False: "FAIL", None: "n/a"}
     for g in goals:
-        side = f" ({g['side']}; ts-best {_fmt(g.get('best_vs_best'), '.3f')})" if g.get("side") else ""
+        side = g.get("side")
+        side = (
+            f" ({side}; ts-best {_fmt(g.get('best_vs_best'), '.3f')})"
+            if side not in (None, "ts-best")
+            else ""
+        )
         lines.append(
             f"goal {g['goal']} [{g['arch']}/{g['method']}]: {_fmt(g['value'], '.3f')}{side} "
             f"(target {g['target']}) {word[g['pass']]}"

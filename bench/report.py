@@ -257,6 +257,26 @@ def _kind(d: dict) -> str | None:
     return d.get("bench") or d.get("benchmark")
 
 
+def _row_key(kind: str, d: dict) -> str:
+    """Which row of its benchmark a result's headline fills (the newest result per key is shown)."""
+    if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
+        methods = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"]))
+        engines = "+".join(c["engine"] for c in d["comparisons"])
+        return f"{methods}:{engines}:{json.dumps(d.get('sets') or {})}"
+    if kind == "fused_ce_gpu_check":  # a row per head shape
+        return json.dumps({k: d["shape"].get(k) for k in ("rows", "hidden", "vocab")}, sort_keys=True)
+    if kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
+        if d.get("profile"):
+            return f"profile:{(d.get('base') or {}).get('template')}:{d['profile'].get('variant')}"
+        return "timing:" + ",".join(sorted(v["name"] for v in d["variants"]))
+    if kind == "qlora_memory":  # the 2048 goal and a context-only search keep their own rows
+        goal = (d.get("goals") or {}).get("qlora_2048_peak_le_7gib", {})
+        return "context" if goal.get("value_gib") is None else ""
+    if kind == "predict_throughput":
+        return "ratio" if d.get("ratio") else "check"
+    return ""
+
+
 def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     """(benchmark, headline, device, versions, date, file) of the newest result with a headline, per kind.
 
@@ -267,7 +287,7 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
     template and profiled variant, and the newest timing-only run per variant set; qlora_memory the newest
     run with the 2048 goal and the newest context-only search.
     """
-    found: dict[tuple[str, str], tuple[str, dict, Path]] = {}
+    found: dict[tuple[str, str], tuple[str, str, dict, Path]] = {}
     for path in sorted(results.glob("*.json")):
         d = json.loads(path.read_text(encoding="utf-8"))
         kind = _kind(d)
@@ -279,42 +299,20 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
             and summary.exists()
         ):
             d["profile"]["trace"] = json.loads(summary.read_text(encoding="utf-8"))
-        if kind not in HEADLINES or HEADLINES[kind](d) is None:
+        if kind not in HEADLINES:
             continue
-        sub = ""
-        if kind == "multi_gpu":  # one row per method and engine set (a rerun of some engines keeps the rest)
-            sub = "+".join(dict.fromkeys(c["method"] for c in d["comparisons"])) + ":"
-            sub += "+".join(c["engine"] for c in d["comparisons"]) + ":" + json.dumps(d.get("sets") or {})
-        elif kind == "train_throughput":  # a row per goal of each arch and method, and per A/B pair
-            for cell_key, text in train_throughput_cells(d):
-                if (kind, cell_key) not in found or d["date"] > found[(kind, cell_key)][0]:
-                    found[(kind, cell_key)] = (d["date"], d | {"_line": text}, path)
-            continue
-        elif kind == "fused_ce_gpu_check":  # a row per head shape
-            sub = json.dumps({k: d["shape"].get(k) for k in ("rows", "hidden", "vocab")}, sort_keys=True)
-        elif kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
-            base = d.get("base") or {}
-            sub = (
-                f"profile:{base.get('template')}:{d['profile'].get('variant')}"
-                if d.get("profile")
-                else "timing:" + ",".join(sorted(v["name"] for v in d["variants"]))
-            )
-        elif kind == "qlora_memory":  # the 2048 goal and a context-only search keep their own rows
-            sub = (
-                "context"
-                if (d.get("goals") or {}).get("qlora_2048_peak_le_7gib", {}).get("value_gib") is None
-                else ""
-            )
-        elif kind == "predict_throughput":
-            sub = "ratio" if d.get("ratio") else "check"
-        key = (kind, sub)
-        if key not in found or d["date"] > found[key][0]:
-            found[key] = (d["date"], d, path)
+        if kind == "train_throughput":  # a row per goal of each arch and method, and per A/B pair
+            cells = train_throughput_cells(d)
+        else:
+            line = HEADLINES[kind](d)
+            cells = [] if line is None else [(_row_key(kind, d), line)]
+        for sub, line in cells:
+            if (kind, sub) not in found or d["date"] > found[(kind, sub)][0]:
+                found[(kind, sub)] = (d["date"], line, d, path)
     out = []
     for kind in HEADLINES:
-        for (k, _), (date, d, path) in sorted(found.items()):
+        for (k, _), (date, line, d, path) in sorted(found.items()):
             if k == kind:
-                line = d.get("_line") or HEADLINES[kind](d) or ""
                 out.append((kind, line, _device(d), _versions(d), date[:10], f"bench/results/{path.name}"))
     return out
 

@@ -155,6 +155,12 @@ def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> tor
     return torch.bfloat16 if torch.bfloat16 in (mixed, autocast) else weight.dtype
 
 
+def _plan(weight: torch.Tensor, chunk_rows: int | None, mixed: torch.dtype | None) -> tuple[int, torch.dtype]:
+    """(rows per chunk, matmul dtype) of one call: a trained head's larger chunks only when gradients flow."""
+    trained = weight.requires_grad and torch.is_grad_enabled()
+    return chunk_rows or default_chunk_rows(weight.shape[0], trained), compute_dtype(weight, mixed)
+
+
 def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in place.
 
@@ -234,8 +240,7 @@ def linear_cross_entropy(
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
     ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`).
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad and torch.is_grad_enabled())
-    dtype = compute_dtype(weight, mixed)
+    rows, dtype = _plan(weight, chunk_rows, mixed)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
         return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3, dtype)[0]
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows, dtype)
@@ -326,8 +331,7 @@ def linear_token_logps(
     Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
     more than ``chunk_rows x V`` logits, forward or backward.
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.requires_grad and torch.is_grad_enabled())
-    dtype = compute_dtype(weight, mixed)
+    rows, dtype = _plan(weight, chunk_rows, mixed)
     if not torch.is_grad_enabled():
         return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3, dtype)[1].neg_()
     return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, rows, dtype)

@@ -19,6 +19,7 @@ state: a resumed run draws fresh noise, which changes nothing in expectation. fp
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,11 +61,9 @@ class StochasticAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"StochasticAdamW: invalid lr {lr}, betas {betas}, eps {eps} or weight_decay")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        half = [p.shape for g in self.param_groups for p in g["params"] if p.dtype == torch.float16]
+        half = sum(p.dtype == torch.float16 for g in self.param_groups for p in g["params"])
         if half:  # fp16 moments would underflow (v of a gradient below 8e-3 is 0 in fp16)
-            raise ValueError(
-                f"StochasticAdamW: fp16 weights ({len(half)}) are not supported; bf16 or fp32 only"
-            )
+            raise ValueError(f"StochasticAdamW: fp16 weights ({half}) are not supported; bf16 or fp32 only")
         self.seed = seed  # the same on every rank: data-parallel replicas round alike and stay identical
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -93,45 +92,45 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = float(state["step"])
-                size = lr / (1 - beta1**step)
-                root = (1 - beta2**step) ** 0.5
-                generator = self._generator(p.device) if p.dtype == torch.bfloat16 else None
+                step_ = _Step(
+                    beta1, beta2, eps, shrink=1 - lr * decay, size=lr / (1 - beta1**step),
+                    root=(1 - beta2**step) ** 0.5,
+                    generator=self._generator(p.device) if p.dtype == torch.bfloat16 else None,
+                )  # fmt: skip
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if not all(t.is_contiguous() for t in tensors):  # no flat view: one elementwise pass
-                    self._update(*tensors, lr, beta1, beta2, eps, decay, size, root, generator)
+                    step_.apply(*tensors)
                     continue
                 flat = [t.view(-1) for t in tensors]
                 for start in range(0, p.numel(), SLICE):
-                    w, g, m, v = (t[start : start + SLICE] for t in flat)
-                    self._update(w, g, m, v, lr, beta1, beta2, eps, decay, size, root, generator)
+                    step_.apply(*(t[start : start + SLICE] for t in flat))
         return loss
 
-    @staticmethod
-    def _update(
-        w: torch.Tensor,
-        g: torch.Tensor,
-        m: torch.Tensor,
-        v: torch.Tensor,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        decay: float,
-        size: float,
-        root: float,
-        generator: torch.Generator | None,
-    ) -> None:
+
+@dataclass(frozen=True)
+class _Step:
+    """One weight's update at one step: the coefficients, and the noise for its bf16 write-back."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    shrink: float  # 1 - lr * weight_decay
+    size: float  # lr / bias correction 1
+    root: float  # sqrt(bias correction 2)
+    generator: torch.Generator | None
+
+    def apply(self, w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
         """One slice: the fp32 update (`.float()` of an fp32 tensor is the tensor itself: updated in place)."""
         g32, m32, v32, w32 = g.float(), m.float(), v.float(), w.float()
-        m32.lerp_(g32, 1 - beta1)
-        v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-        denom = v32.sqrt().div_(root).add_(eps)
-        if decay:
-            w32.mul_(1 - lr * decay)
-        w32.addcdiv_(m32, denom, value=-size)
+        m32.lerp_(g32, 1 - self.beta1)
+        v32.mul_(self.beta2).addcmul_(g32, g32, value=1 - self.beta2)
+        denom = v32.sqrt().div_(self.root).add_(self.eps)
+        if self.shrink != 1:
+            w32.mul_(self.shrink)
+        w32.addcdiv_(m32, denom, value=-self.size)
         for dst, value in ((w, w32), (m, m32), (v, v32)):
             if dst.dtype == torch.bfloat16:
-                stochastic_round_(dst, value, generator)
+                stochastic_round_(dst, value, self.generator)
             elif dst is not value:
                 dst.copy_(value)
 
