@@ -127,3 +127,28 @@ def test_each_training_goal_shows_its_newest_measurement(tmp_path):
             "bench/results/new.json"
         ),
     }
+
+
+def test_a_speed_only_run_keeps_the_low_memory_row(tmp_path):
+    """A newer run of ts-best alone (its memory ratio over 0.7) does not replace the low-memory recipe's row."""
+    gpu = {"cuda": True, "name": "NVIDIA H200", "count": 1}
+    lf = {"steady": {"tokens_per_s": 30.0}, "peak_mem_gib": 3.0, "losses": [1.0]}
+    recipe = {"qwen/full/lf-best": lf,
+              "qwen/full/ts-mem": {"steady": {"tokens_per_s": 10.0}, "peak_mem_gib": 1.5, "losses": [1.0],
+                                   "base_side": "ts-best"}}  # fmt: skip
+    fast = {"qwen/full/lf-best": lf, "qwen/full/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0,
+                                                            "losses": [1.0]}}  # fmt: skip
+    for name, date, runs in (("old.json", "2026-01-01", recipe), ("new.json", "2026-02-01", fast)):
+        _write(tmp_path, name, {"bench": "train_throughput", "date": date, "device": gpu, "versions": {},
+                                "runs": runs})  # fmt: skip
+    got = {row[1]: row[5] for row in report.rows(tmp_path)}
+    assert got == {
+        "qwen full best vs best tokens/s ratio: 3.0 (≥ 2.0: pass)": "bench/results/new.json",
+        "qwen full peak memory ratio at equal tokens per micro-batch: 0.5 (ts-mem) (≤ 0.7: pass)": (
+            "bench/results/old.json"
+        ),
+    }
+    _write(tmp_path, "old.json", {"bench": "train_throughput", "date": "2026-01-01", "device": gpu,
+                                  "versions": {}, "runs": {"qwen/full/lf-best": lf}})  # fmt: skip
+    got = {row[1] for row in report.rows(tmp_path)}  # no low-memory run: ts-best's own ratio is the row
+    assert "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (≤ 0.7: FAIL)" in got
