@@ -4,8 +4,10 @@ Times one forward+backward of `fused_ce`'s chunked head at Llama-3.2-1B's head s
 fp32 weight, 12,000 supervised rows; ``--shape qwen``: Qwen2.5-0.5B's 151,936 x 896) three ways, in one process:
 - ``fp32``: the matmuls in the weight's dtype (what the head did before `compute_dtype`);
 - ``autocast``: the matmuls in bf16, the weight gradient summed into fp32 (`compute_dtype`, the default);
+- ``compiled``: ``autocast`` with each chunk's softmax and gradient compiled by inductor (what
+  `torch_compile: true` runs, `fused_ce_chunk`; its compile happens in the untimed warm-up);
 - ``plain``: F.linear under autocast and F.cross_entropy on the whole [rows x vocab] logits (the reference).
-Guards: both fused variants' loss and gradients against the plain path (relative max error), and whether
+Guards: every fused variant's loss and gradients against the plain path (relative max error), and whether
 cuBLAS's fp32-output addmm (``out_dtype``) ran. ``--chunk-rows N ...`` then times the autocast variant at
 other chunk sizes, for a trained head (full SFT) and a frozen bf16 head (LoRA: no weight gradient), with each
 chunk's transient memory: what sizing chunks by the memory at hand would buy. Usage: python bench/fused_ce_gpu_check.py --out r.json
@@ -41,7 +43,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from tunesmith.training.fused_ce import LogitTransform, _chunked, default_chunk_rows
+    from tunesmith.training.fused_ce import ChunkPlan, LogitTransform, _chunked, default_chunk_rows
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -71,10 +73,10 @@ def main() -> int:
         except (TypeError, RuntimeError) as e:
             results["addmm_out_dtype"] = f"unavailable: {e}"
 
-    def fused(compute):
+    def fused(plan):
         def step():
             # no autocast, as in the trainer (the loss runs after the model's autocast forward)
-            return _chunked(h, w, None, t, None, LogitTransform(), chunk, (True, True, False), compute)
+            return _chunked(h, w, None, t, None, LogitTransform(), plan, (True, True, False))
 
         return step
 
@@ -87,8 +89,13 @@ def main() -> int:
 
     ref_s, (ref_loss, ref_h, ref_w) = _timed(plain, a.iters, sync)
     results["plain"] = {"s": round(ref_s, 5)}
-    for name, compute in (("fp32", torch.float32), ("autocast", torch.bfloat16)):
-        secs, (loss, _, grad_h, grad_w, _) = _timed(fused(compute), a.iters, sync)
+    variants = {
+        "fp32": ChunkPlan(chunk, torch.float32),
+        "autocast": ChunkPlan(chunk, torch.bfloat16),
+        "compiled": ChunkPlan(chunk, torch.bfloat16, "inductor"),
+    }
+    for name, plan in variants.items():
+        secs, (loss, _, grad_h, grad_w, _) = _timed(fused(plan), a.iters, sync)
         results[name] = {
             "s": round(secs, 5),
             "loss_rel": float((loss - ref_loss).abs() / ref_loss.abs()),
@@ -98,6 +105,7 @@ def main() -> int:
         }
         print(name, json.dumps(results[name]), flush=True)
     results["speedup_autocast_vs_fp32"] = round(results["fp32"]["s"] / results["autocast"]["s"], 2)
+    results["speedup_compiled_vs_autocast"] = round(results["autocast"]["s"] / results["compiled"]["s"], 2)
     frozen = w.bfloat16()  # a LoRA run's head: bf16, no gradient
     results["chunk_sweep"] = []
     for rows_a_chunk in a.chunk_rows:
@@ -107,7 +115,9 @@ def main() -> int:
         ):
 
             def step(weight=weight, want=want, n=rows_a_chunk):
-                return _chunked(h, weight, None, t, None, LogitTransform(), n, want, torch.bfloat16)
+                return _chunked(
+                    h, weight, None, t, None, LogitTransform(), ChunkPlan(n, torch.bfloat16), want
+                )
 
             secs, _ = _timed(step, a.iters, sync)
             cell = {"head": head, "chunk_rows": rows_a_chunk, "s": round(secs, 5),
@@ -116,10 +126,10 @@ def main() -> int:
             print("chunk", json.dumps(cell), flush=True)
     ok = all(
         max(results[k]["grad_w_rel"], results[k]["grad_h_rel"]) < 2e-2 and results[k]["loss_rel"] < 1e-3
-        for k in ("fp32", "autocast")
+        for k in variants
     )
     results["guard"] = "PASS" if ok else "FAIL"
-    print(json.dumps({k: v for k, v in results.items() if k not in ("fp32", "autocast")}), flush=True)
+    print(json.dumps({k: v for k, v in results.items() if k not in variants}), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1))
     return 0 if ok else 1

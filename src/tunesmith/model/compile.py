@@ -22,6 +22,12 @@ from typing import Any
 log = logging.getLogger("tunesmith")
 
 
+def compile_backend(hf: dict[str, Any]) -> str | None:
+    """The torch.compile backend of a run's `hf` keys (`torch_compile_backend`, inductor by default), or None
+    without `torch_compile`. The decoder layers and the fused loss head's chunk math use it."""
+    return (hf.get("torch_compile_backend") or "inductor") if hf.get("torch_compile") else None
+
+
 def decoder_layers(model: Any) -> list[Any]:
     """The repeated blocks of a (PEFT-wrapped) causal LM: the longest ModuleList of one block class.
 

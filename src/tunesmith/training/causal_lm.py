@@ -17,6 +17,7 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.errors import TunesmithError
 from tunesmith.launcher import read_launch_env
+from tunesmith.model.compile import compile_backend
 from tunesmith.training.distributed import engine_kwargs
 from tunesmith.training.setup import DataBundle, require_model
 
@@ -353,6 +354,7 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         callbacks_bundle=bundle,
         loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
         stochastic_rounding=cfg.finetuning.pure_bf16 and cfg.finetuning.stochastic_rounding,
+        loss_compile_backend=compile_backend(cfg.training.hf),
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
     )
     if cfg.finetuning.early_stopping_steps:

@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.torch_version import TorchVersion
 
 from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels, target_rows
+from tunesmith.training.fused_ce_chunk import SoftmaxGrad, compiled_softmax_grad, softmax_grad
 
 PROBE_TOKENS = 16
 # cuBLAS's addmm into an fp32 `self` from bf16/fp16 factors (`out_dtype`, CUDA only): added in torch 2.8, an fp32
@@ -83,6 +84,19 @@ class LogitTransform:
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one call runs: rows per chunk, the matmul dtype, and the chunk math's torch.compile backend (None:
+    eager, `fused_ce_chunk`)."""
+
+    rows: int
+    compute: torch.dtype
+    backend: str | None = None
+
+    def math(self) -> SoftmaxGrad:
+        return softmax_grad if self.backend is None else compiled_softmax_grad(self.backend)
+
+
 def _chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -90,13 +104,13 @@ def _chunked(
     targets: torch.Tensor,
     token_weights: torch.Tensor | None,
     transform: LogitTransform,
-    chunk_rows: int,
+    plan: ChunkPlan,
     want: tuple[bool, bool, bool],
-    compute: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Sum of (weighted) token losses, the unweighted loss of each row [N] and, where ``want`` says so,
-    gradients for hidden, weight, bias. The matmuls run in ``compute`` (`compute_dtype`)."""
+    gradients for hidden, weight, bias. The matmuls run in ``plan.compute`` (`compute_dtype`)."""
     want_h, want_w, want_b = want
+    compute, math = plan.compute, plan.math()
     w_c = weight.to(compute)  # one cast a call (a no-op unless fp32 weights train under autocast)
     b_c = bias.to(compute) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -105,30 +119,19 @@ def _chunked(
     # Accumulated in place with addmm (cuBLAS sums each chunk in fp32): no second [V, H] buffer.
     grad_w = torch.zeros_like(weight) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
-    for start in range(0, hidden.shape[0], chunk_rows):
-        end = min(start + chunk_rows, hidden.shape[0])
+    for start in range(0, hidden.shape[0], plan.rows):
+        end = min(start + plan.rows, hidden.shape[0])
         h = hidden[start:end].to(compute)
-        t = targets[start:end]
-        z = transform.apply(F.linear(h, w_c, b_c).float())  # [chunk, V], fp32 like the plain path
-        lse = torch.logsumexp(z, dim=-1)
-        row_loss = lse - z.gather(1, t[:, None]).squeeze(1)
-        rows[start:end] = row_loss
         w = token_weights[start:end].float() if token_weights is not None else None
+        row_loss, g, g_sum = math(
+            F.linear(h, w_c, b_c), targets[start:end], w, transform, any(want), want_b, compute
+        )
+        rows[start:end] = row_loss
         total += (row_loss * w).sum() if w is not None else row_loss.sum()
-        if not any(want):
+        if g is None:
             continue
-        # softmax; in z's own buffer unless the soft-cap derivative still needs z
-        g = (z - lse[:, None]).exp_() if transform.softcap else z.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
-        if w is not None:
-            g.mul_(w[:, None])
-        if transform.softcap:
-            g.mul_(z.div_(transform.softcap).square_().neg_().add_(1.0))  # d(c*tanh(x/c))/dx = 1 - tanh^2
-        if transform.scale != 1.0:
-            g.mul_(transform.scale)
         if grad_b is not None:
-            grad_b += g.sum(0)
-        g = g.to(compute)
+            grad_b += g_sum
         if grad_h is not None:
             grad_h[start:end] = g @ w_c
         if grad_w is not None:
@@ -155,10 +158,13 @@ def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> tor
     return torch.bfloat16 if torch.bfloat16 in (mixed, autocast) else weight.dtype
 
 
-def _plan(weight: torch.Tensor, chunk_rows: int | None, mixed: torch.dtype | None) -> tuple[int, torch.dtype]:
-    """(rows per chunk, matmul dtype) of one call: a trained head's larger chunks only when gradients flow."""
+def _plan(
+    weight: torch.Tensor, chunk_rows: int | None, mixed: torch.dtype | None, backend: str | None
+) -> ChunkPlan:
+    """One call's plan: a trained head's larger chunks only when gradients flow."""
     trained = weight.requires_grad and torch.is_grad_enabled()
-    return chunk_rows or default_chunk_rows(weight.shape[0], trained), compute_dtype(weight, mixed)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], trained)
+    return ChunkPlan(rows, compute_dtype(weight, mixed), backend)
 
 
 def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -201,13 +207,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         token_weights: torch.Tensor | None,
         transform: LogitTransform,
-        chunk_rows: int,
-        compute: torch.dtype,
+        plan: ChunkPlan,
     ) -> torch.Tensor:
         needs = ctx.needs_input_grad
         want = (needs[0], needs[1], bias is not None and needs[2])
         total, _, grad_h, grad_w, grad_b = _chunked(
-            hidden, weight, bias, targets, token_weights, transform, chunk_rows, want, compute
+            hidden, weight, bias, targets, token_weights, transform, plan, want
         )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -220,7 +225,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = _scale_(grad_h, grad_out) if grad_h is not None else None
         grad_w = _scale_(grad_w, grad_out) if grad_w is not None else None
         grad_b = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -232,18 +237,20 @@ def linear_cross_entropy(
     transform: LogitTransform = LogitTransform(),
     chunk_rows: int | None = None,
     mixed: torch.dtype | None = None,
+    compile_backend: str | None = None,
 ) -> torch.Tensor:
     """Sum over rows of ``token_weight * cross_entropy(transform(hidden @ weight.T + bias), target)``.
 
     hidden [N, H] (supervised positions only: no -100 targets), weight [V, H], targets [N], token_weights
     [N]. Returns a 0-dim fp32 tensor; never allocates more than ``chunk_rows x V`` logits.
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
-    ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`).
+    ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`). ``compile_backend``:
+    each chunk's softmax and gradient through torch.compile with that backend (`fused_ce_chunk`).
     """
-    rows, dtype = _plan(weight, chunk_rows, mixed)
+    plan = _plan(weight, chunk_rows, mixed, compile_backend)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
-        return _chunked(hidden, weight, bias, targets, token_weights, transform, rows, (False,) * 3, dtype)[0]
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, rows, dtype)
+        return _chunked(hidden, weight, bias, targets, token_weights, transform, plan, (False,) * 3)[0]
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, plan)
 
 
 def _scale_rows(grad: torch.Tensor, by: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -266,19 +273,15 @@ class _LinearTokenLogps(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         transform: LogitTransform,
-        chunk_rows: int,
-        compute: torch.dtype,
+        plan: ChunkPlan,
     ) -> torch.Tensor:
         needs = ctx.needs_input_grad
         ctx.want = (needs[0], needs[1], bias is not None and needs[2])
         ctx.recompute = ctx.want[1] or ctx.want[2]
-        ctx.transform, ctx.chunk_rows = transform, chunk_rows
+        ctx.transform, ctx.plan = transform, plan
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.compute = compute
         if ctx.recompute:  # the head's gradient mixes rows by weights only backward knows: redo the chunks
-            _, rows, _, _, _ = _chunked(
-                hidden, weight, bias, targets, None, transform, chunk_rows, (False,) * 3, ctx.compute
-            )
+            _, rows, _, _, _ = _chunked(hidden, weight, bias, targets, None, transform, plan, (False,) * 3)
             ctx.save_for_backward(hidden, weight, bias, targets)
         else:  # each row of grad_h depends on its own row's loss only: take them now, scale them later
             _, rows, grad_h, _, _ = _chunked(
@@ -288,9 +291,8 @@ class _LinearTokenLogps(torch.autograd.Function):
                 targets,
                 None,
                 transform,
-                chunk_rows,
+                plan,
                 (needs[0], False, False),
-                ctx.compute,
             )
             ctx.save_for_backward(grad_h)
         return rows.neg_()
@@ -300,7 +302,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.recompute:
             (grad_h,) = ctx.saved_tensors
-            return _scale_rows(grad_h, grad_out.neg()), None, None, None, None, None, None
+            return _scale_rows(grad_h, grad_out.neg()), None, None, None, None, None
         hidden, weight, bias, targets = ctx.saved_tensors
         _, _, grad_h, grad_w, grad_b = _chunked(
             hidden,
@@ -309,12 +311,11 @@ class _LinearTokenLogps(torch.autograd.Function):
             targets,
             grad_out.neg(),
             ctx.transform,
-            ctx.chunk_rows,
+            ctx.plan,
             ctx.want,
-            ctx.compute,
         )
         grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def linear_token_logps(
@@ -325,16 +326,17 @@ def linear_token_logps(
     transform: LogitTransform = LogitTransform(),
     chunk_rows: int | None = None,
     mixed: torch.dtype | None = None,
+    compile_backend: str | None = None,
 ) -> torch.Tensor:
     """Per row, ``log_softmax(transform(hidden @ weight.T + bias))[target]``: [N] fp32, exact gradients.
 
     Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
     more than ``chunk_rows x V`` logits, forward or backward.
     """
-    rows, dtype = _plan(weight, chunk_rows, mixed)
+    plan = _plan(weight, chunk_rows, mixed, compile_backend)
     if not torch.is_grad_enabled():
-        return _chunked(hidden, weight, bias, targets, None, transform, rows, (False,) * 3, dtype)[1].neg_()
-    return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, rows, dtype)
+        return _chunked(hidden, weight, bias, targets, None, transform, plan, (False,) * 3)[1].neg_()
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, plan)
 
 
 @contextmanager
@@ -361,6 +363,9 @@ class FusedHead:
     transform: LogitTransform
     chunk_rows: int
     mixed: torch.dtype | None = None  # the run's mixed precision, for an fp32 head: `compute_dtype`
+    compile_backend: str | None = (
+        None  # each chunk's softmax compiled with it (`fused_ce_chunk`); None: eager
+    )
 
     def describe(self) -> str:
         """For the log: "head [151936, 896] float32, matmuls in bfloat16, <transform>, chunks of 220 rows"."""
@@ -369,6 +374,7 @@ class FusedHead:
         return (
             f"head {list(w.shape)} {dtypes[0]}, matmuls in {dtypes[1]}, {self.transform}, "
             f"chunks of {self.chunk_rows} rows"
+            + (f", softmax compiled ({self.compile_backend})" if self.compile_backend else "")
         )
 
     def loss_sum(
@@ -397,6 +403,7 @@ class FusedHead:
             transform=self.transform,
             chunk_rows=self.chunk_rows,
             mixed=self.mixed,
+            compile_backend=self.compile_backend,
         )
         return total, rows.numel(), outputs
 
@@ -409,7 +416,14 @@ class FusedHead:
         """
         rows, hidden, targets, outputs = self._supervised(model, inputs, labels)
         token = linear_token_logps(
-            hidden, self.head.weight, targets, self.head.bias, self.transform, self.chunk_rows, self.mixed
+            hidden,
+            self.head.weight,
+            targets,
+            self.head.bias,
+            self.transform,
+            self.chunk_rows,
+            self.mixed,
+            self.compile_backend,
         )
         batch, time = labels.shape
         sums = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add(0, rows // time, token)
@@ -442,7 +456,11 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
 
 
 def probe_fused_head(
-    model: Any, inputs: Mapping[str, Any], chunk_rows: int | None = None, mixed: torch.dtype | None = None
+    model: Any,
+    inputs: Mapping[str, Any],
+    chunk_rows: int | None = None,
+    mixed: torch.dtype | None = None,
+    compile_backend: str | None = None,
 ) -> FusedHead | str:
     """The fused head of an (unwrapped) causal LM, or the reason it cannot be used.
 
@@ -487,7 +505,7 @@ def probe_fused_head(
             "logit: the model transforms its logits in a way the fused loss does not know"
         )
     rows = chunk_rows or default_chunk_rows(head.weight.shape[0], head.weight.requires_grad)
-    return FusedHead(head, transform, rows, mixed)
+    return FusedHead(head, transform, rows, mixed, compile_backend)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from typing import Any
 
 from tunesmith.config import Config
 from tunesmith.errors import TunesmithError
+from tunesmith.model.compile import compile_backend
 from tunesmith.training.causal_lm import (
     TrainResult,
 )
@@ -163,6 +164,7 @@ def train_preference(cfg: Config) -> TrainResult:
         "callbacks_bundle": bundle,
         "loraplus_lr_ratio": f.loraplus_lr_ratio,
         "stochastic_rounding": f.pure_bf16 and f.stochastic_rounding,
+        "loss_compile_backend": compile_backend(cfg.training.hf),
     }
     if stage == "rm":
         collator = PairwiseCollator(tokenizer.pad_token_id, multiple)

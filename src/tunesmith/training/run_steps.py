@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tunesmith.config import Config, write_resolved_config
 from tunesmith.errors import TunesmithError
 from tunesmith.launcher import LaunchEnv, configure_logging, read_launch_env
+from tunesmith.model.compile import compile_backend
 from tunesmith.training.distributed import engine_label, local_main_first
 from tunesmith.training.setup import DataBundle, prepare_data, require_model, template_for
 
@@ -107,10 +108,10 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     if auto_ckpt:
         auto_checkpointing(tuned.model, tokens=args.per_device_train_batch_size * cfg.data.cutoff_len,
                            device=args.device, precision=precision)  # fmt: skip
-    if hf.get("torch_compile"):  # with FSDP or ZeRO-3 it is refused when the config loads
+    backend = compile_backend(hf)
+    if backend is not None:  # with FSDP or ZeRO-3 it is refused when the config loads
         from tunesmith.model.compile import compile_decoder_layers
 
-        backend = hf.get("torch_compile_backend") or "inductor"
         compile_decoder_layers(tuned.model, mode=hf.get("torch_compile_mode"), backend=backend)
 
     manifest = None

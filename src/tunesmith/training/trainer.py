@@ -45,6 +45,7 @@ class TunesmithTrainer(Trainer):
         loraplus_lr_ratio: float | None = None,
         fused_loss: bool = True,
         stochastic_rounding: bool = False,
+        loss_compile_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, callbacks=callbacks_bundle.as_list(), **kwargs)
@@ -52,6 +53,9 @@ class TunesmithTrainer(Trainer):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.stochastic_rounding = stochastic_rounding
         self.fused_loss = fused_loss
+        self.loss_compile_backend = (
+            loss_compile_backend  # the fused head's chunk math compiled (torch_compile)
+        )
         self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
         self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
@@ -157,7 +161,12 @@ class TunesmithTrainer(Trainer):
         probe = {k: v for k, v in inputs.items() if k not in ("labels", "loss_weights")}
         # the run's mixed precision (compute_dtype runs an fp32 head in bf16, never in fp16)
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        return probe_fused_head(self.accelerator.unwrap_model(model), probe, mixed=mixed)
+        return probe_fused_head(
+            self.accelerator.unwrap_model(model),
+            probe,
+            mixed=mixed,
+            compile_backend=self.loss_compile_backend,
+        )
 
     def create_optimizer(self, model: Any = None) -> Any:
         stochastic = self.optimizer is None and self._stochastic_rounding()

@@ -1,0 +1,94 @@
+"""One chunk of the fused LM head's loss: token losses and the logits' gradient from the chunk's logits.
+
+`softmax_grad` is the eager form: in place on the chunk's fp32 logits, then cast to the matmul dtype. It
+makes several full passes over the ``[rows x vocab]`` chunk (upcast, logsumexp, subtract and exp, scatter,
+downcast): on a full-SFT Llama-3.2-1B step (H200) these elementwise kernels took about 30 of its 270 ms
+(bench/results/profile_step_gpu-2026-11-28T1352Z-full-llama-compile-h200-by_cuda.txt).
+
+`compiled_softmax_grad(backend)` is the same math written without in-place ops or a scatter (the target's
+-1 is a comparison with the column index), compiled once per process and backend. Inductor fuses it into
+one reduction over the bf16 logits (the log-sum-exp and the target's logit) and one pointwise kernel that
+writes the bf16 gradient: two reads and one write of the chunk. The trainer uses it when the run sets
+`torch_compile: true` (with that key's backend).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+
+class Transform(Protocol):
+    """`fused_ce.LogitTransform`: ``z = x * scale``, then ``z = softcap * tanh(z / softcap)``."""
+
+    scale: float
+    softcap: float | None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+Result = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+SoftmaxGrad = Callable[..., Result]
+
+
+def softmax_grad(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: Transform,
+    want_grad: bool, want_bias: bool, compute: torch.dtype,
+) -> Result:  # fmt: skip
+    """(row losses [C] fp32, d(sum of weighted losses)/d(logits) [C, V] in ``compute`` or None, its column
+    sums [V] fp32 for a bias or None). ``logits`` [C, V] are the head's output before the transform;
+    ``weights`` [C] fp32 or None (all 1)."""
+    z = transform.apply(logits.float())  # [chunk, V], fp32 like the plain path
+    lse = torch.logsumexp(z, dim=-1)
+    row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    if not want_grad:
+        return row_loss, None, None
+    # softmax; in z's own buffer unless the soft-cap derivative still needs z
+    g = (z - lse[:, None]).exp_() if transform.softcap else z.sub_(lse[:, None]).exp_()
+    g.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
+    if weights is not None:
+        g.mul_(weights[:, None])
+    if transform.softcap:
+        g.mul_(z.div_(transform.softcap).square_().neg_().add_(1.0))  # d(c*tanh(x/c))/dx = 1 - tanh^2
+    if transform.scale != 1.0:
+        g.mul_(transform.scale)
+    return row_loss, g.to(compute), g.sum(0) if want_bias else None
+
+
+def fusable_softmax_grad(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: Transform,
+    want_grad: bool, want_bias: bool, compute: torch.dtype,
+) -> Result:  # fmt: skip
+    """`softmax_grad`'s numbers, written for a compiler: no in-place update, no scatter."""
+    z = transform.apply(logits.float())
+    lse = torch.logsumexp(z, dim=-1)
+    row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    if not want_grad:
+        return row_loss, None, None
+    hot = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
+    g = torch.exp(z - lse[:, None]) - hot.to(z.dtype)
+    if weights is not None:
+        g = g * weights[:, None]
+    if transform.softcap:
+        g = g * (1.0 - (z / transform.softcap) ** 2)
+    if transform.scale != 1.0:
+        g = g * transform.scale
+    return row_loss, g.to(compute), g.sum(0) if want_bias else None
+
+
+@functools.cache
+def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
+    """`fusable_softmax_grad` under torch.compile with ``backend``, built once per process and backend.
+
+    ``fullgraph``: a graph break would leave the passes unfused, so it fails loudly instead. ``dynamic``:
+    the last chunk of every batch has its own row count, and one graph serves them all (as the decoder
+    layers' does, `model.compile`), instead of a recompile in the middle of the run.
+    """
+    compiled: Any = torch.compile(fusable_softmax_grad, backend=backend, fullgraph=True, dynamic=True)
+    return compiled
+
+
+__all__ = ["compiled_softmax_grad", "fusable_softmax_grad", "softmax_grad"]
