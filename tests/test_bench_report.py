@@ -109,18 +109,27 @@ def test_fused_head_check_headline():
     assert report.fused_ce_gpu_check(d | {"device": "cpu"}) is None
 
 
+H200 = {"cuda": True, "name": "NVIDIA H200", "count": 1}
+
+
+def _run(tokens_per_s: float, peak: float, **extra: object) -> dict:
+    return {"steady": {"tokens_per_s": tokens_per_s}, "peak_mem_gib": peak, "losses": [1.0], **extra}
+
+
+def _train_files(folder: Path, *dated_runs: tuple[str, str, dict]) -> dict[str, str]:
+    """Write train_throughput results (name, date, runs); the README rows they give, headline -> file."""
+    for name, date, runs in dated_runs:
+        _write(folder, name, {"bench": "train_throughput", "date": date, "device": H200, "versions": {},
+                              "runs": runs})  # fmt: skip
+    return {row[1]: row[5] for row in report.rows(folder)}
+
+
 def test_each_training_goal_shows_its_newest_measurement(tmp_path):
     """A newer run that measures only the memory goal keeps the older run's best-vs-best row."""
-    gpu = {"cuda": True, "name": "NVIDIA H200", "count": 1}
-    both = {"qwen/lora/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0, "losses": [1.0]},
-            "qwen/lora/lf-best": {"steady": {"tokens_per_s": 30.0}, "peak_mem_gib": 3.0, "losses": [1.0]}}  # fmt: skip
-    memory = {"qwen/lora/lf-best": both["qwen/lora/lf-best"],
-              "qwen/lora/ts-off": {"steady": {"tokens_per_s": 10.0}, "peak_mem_gib": 1.5, "losses": [1.0],
-                                   "base_side": "ts-best"}}  # fmt: skip
-    for name, date, runs in (("old.json", "2026-01-01", both), ("new.json", "2026-02-01", memory)):
-        _write(tmp_path, name, {"bench": "train_throughput", "date": date, "device": gpu, "versions": {},
-                                "runs": runs})  # fmt: skip
-    got = {row[1]: row[5] for row in report.rows(tmp_path)}
+    lf = _run(30.0, 3.0)
+    both = {"qwen/lora/ts-best": _run(90.0, 9.0), "qwen/lora/lf-best": lf}
+    memory = {"qwen/lora/lf-best": lf, "qwen/lora/ts-off": _run(10.0, 1.5, base_side="ts-best")}
+    got = _train_files(tmp_path, ("old.json", "2026-01-01", both), ("new.json", "2026-02-01", memory))
     assert got == {
         "qwen lora best vs best tokens/s ratio: 3.0 (≥ 2.0: pass)": "bench/results/old.json",
         "qwen lora peak memory ratio at equal tokens per micro-batch: 0.5 (ts-off) (≤ 0.7: pass)": (
@@ -131,24 +140,16 @@ def test_each_training_goal_shows_its_newest_measurement(tmp_path):
 
 def test_a_speed_only_run_keeps_the_low_memory_row(tmp_path):
     """A newer run of ts-best alone (its memory ratio over 0.7) does not replace the low-memory recipe's row."""
-    gpu = {"cuda": True, "name": "NVIDIA H200", "count": 1}
-    lf = {"steady": {"tokens_per_s": 30.0}, "peak_mem_gib": 3.0, "losses": [1.0]}
-    recipe = {"qwen/full/lf-best": lf,
-              "qwen/full/ts-mem": {"steady": {"tokens_per_s": 10.0}, "peak_mem_gib": 1.5, "losses": [1.0],
-                                   "base_side": "ts-best"}}  # fmt: skip
-    fast = {"qwen/full/lf-best": lf, "qwen/full/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0,
-                                                            "losses": [1.0]}}  # fmt: skip
-    for name, date, runs in (("old.json", "2026-01-01", recipe), ("new.json", "2026-02-01", fast)):
-        _write(tmp_path, name, {"bench": "train_throughput", "date": date, "device": gpu, "versions": {},
-                                "runs": runs})  # fmt: skip
-    got = {row[1]: row[5] for row in report.rows(tmp_path)}
+    lf = _run(30.0, 3.0)
+    recipe = {"qwen/full/lf-best": lf, "qwen/full/ts-mem": _run(10.0, 1.5, base_side="ts-best")}
+    fast = {"qwen/full/lf-best": lf, "qwen/full/ts-best": _run(90.0, 9.0)}
+    got = _train_files(tmp_path, ("old.json", "2026-01-01", recipe), ("new.json", "2026-02-01", fast))
     assert got == {
         "qwen full best vs best tokens/s ratio: 3.0 (≥ 2.0: pass)": "bench/results/new.json",
         "qwen full peak memory ratio at equal tokens per micro-batch: 0.5 (ts-mem) (≤ 0.7: pass)": (
             "bench/results/old.json"
         ),
     }
-    _write(tmp_path, "old.json", {"bench": "train_throughput", "date": "2026-01-01", "device": gpu,
-                                  "versions": {}, "runs": {"qwen/full/lf-best": lf}})  # fmt: skip
-    got = {row[1] for row in report.rows(tmp_path)}  # no low-memory run: ts-best's own ratio is the row
+    # without a low-memory run, ts-best's own ratio is the row
+    got = _train_files(tmp_path, ("old.json", "2026-01-01", {"qwen/full/lf-best": lf}))
     assert "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (≤ 0.7: FAIL)" in got
