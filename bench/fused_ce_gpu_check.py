@@ -75,8 +75,10 @@ def main() -> int:
 
     def fused(plan):
         def step():
-            # no autocast, as in the trainer (the loss runs after the model's autocast forward)
-            return _chunked(h, w, None, t, None, LogitTransform(), plan, (True, True, False))
+            # no autocast and no autograd, as in the trainer (the loss runs after the model's autocast
+            # forward, inside its autograd Function's forward)
+            with torch.no_grad():
+                return _chunked(h, w, None, t, None, LogitTransform(), plan, (True, True, False))
 
         return step
 

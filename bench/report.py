@@ -148,7 +148,8 @@ def _train_goals(d: dict) -> list[dict]:
 
 
 def _best_vs_best(goal: dict) -> str:
-    return "" if goal.get("best_vs_best") is None else f"; ts-best {goal['best_vs_best']}"
+    shown = goal.get("best_vs_best") is not None and goal.get("side") != "ts-best"
+    return f"; ts-best {goal['best_vs_best']}" if shown else ""
 
 
 LOW_MEMORY = ":low-memory"  # key suffix of a memory goal met by a low-memory side (not ts-best)
@@ -158,14 +159,14 @@ def train_throughput_cells(d: dict) -> list[tuple[str, str]]:
     """(key, text) of each measured goal and each A/B side of a result; the key names what it measures.
 
     A memory goal measured with a low-memory side keys apart from one that measured only ts-best, so a later
-    speed-only run does not hide the low-memory recipe's row (rows() drops the ts-best one when both exist).
+    speed-only run does not hide the low-memory recipe's row (rows() drops the ts-best one unless it is newer).
     """
     cells = [
         (
             f"{g['arch']}:{g['method']}:{g['goal']}"
             + (LOW_MEMORY if g.get("side") not in (None, "ts-best") else ""),
             f"{g['arch']} {g['method']} {g['goal']}: {g['value']}"
-            + (f" ({g['side']}{_best_vs_best(g)})" if g.get("side") not in (None, "ts-best") else "")
+            + (f" ({g['side']}{_best_vs_best(g)})" if g.get("side") is not None else "")
             + f" ({g['target']}: {'pass' if g['pass'] else 'FAIL'})",
         )
         for g in _train_goals(d)
@@ -318,7 +319,9 @@ def rows(results: Path = RESULTS) -> list[tuple[str, str, str, str, str, str]]:
             if (kind, sub) not in found or d["date"] > found[(kind, sub)][0]:
                 found[(kind, sub)] = (d["date"], line, d, path)
     for kind, sub in [k for k in found if k[1].endswith(LOW_MEMORY)]:
-        found.pop((kind, sub.removesuffix(LOW_MEMORY)), None)
+        plain = (kind, sub.removesuffix(LOW_MEMORY))
+        if plain in found and found[plain][0] <= found[(kind, sub)][0]:  # a newer ts-best-only row stays too
+            found.pop(plain)
     out = []
     for kind in HEADLINES:
         for (k, _), (date, line, d, path) in sorted(found.items()):

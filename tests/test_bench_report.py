@@ -139,7 +139,7 @@ def test_each_training_goal_shows_its_newest_measurement(tmp_path):
 
 
 def test_a_speed_only_run_keeps_the_low_memory_row(tmp_path):
-    """A newer run of ts-best alone (its memory ratio over 0.7) does not replace the low-memory recipe's row."""
+    """A newer run of ts-best alone (its memory ratio over 0.7) does not hide the low-memory recipe's row."""
     lf = _run(30.0, 3.0)
     recipe = {"qwen/full/lf-best": lf, "qwen/full/ts-mem": _run(10.0, 1.5, base_side="ts-best")}
     fast = {"qwen/full/lf-best": lf, "qwen/full/ts-best": _run(90.0, 9.0)}
@@ -149,7 +149,13 @@ def test_a_speed_only_run_keeps_the_low_memory_row(tmp_path):
         "qwen full peak memory ratio at equal tokens per micro-batch: 0.5 (ts-mem) (≤ 0.7: pass)": (
             "bench/results/old.json"
         ),
+        "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (ts-best) (≤ 0.7: FAIL)": "bench/results/new.json",
     }
+    # an older ts-best-only run gives way to the newer low-memory one
+    got = _train_files(tmp_path, ("new.json", "2025-12-01", fast))
+    assert (
+        "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (ts-best) (≤ 0.7: FAIL)" not in got
+    )
     # without a low-memory run, ts-best's own ratio is the row
     got = _train_files(tmp_path, ("old.json", "2026-01-01", {"qwen/full/lf-best": lf}))
-    assert "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (≤ 0.7: FAIL)" in got
+    assert "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (ts-best) (≤ 0.7: FAIL)" in got

@@ -79,16 +79,37 @@ def fusable_softmax_grad(
     return row_loss, g.to(compute), g.sum(0) if want_bias else None
 
 
-@functools.cache
-def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
-    """`fusable_softmax_grad` under torch.compile with ``backend``, built once per process and backend.
+MIN_COMPILED_ROWS = 2  # dynamo specialises a dimension of size 0 or 1: such a chunk runs eagerly instead
 
-    ``fullgraph``: a graph break would leave the passes unfused, so it fails loudly instead. ``dynamic``:
-    the last chunk of every batch has its own row count, and one graph serves them all (as the decoder
-    layers' does, `model.compile`), instead of a recompile in the middle of the run.
-    """
-    compiled: Any = torch.compile(fusable_softmax_grad, backend=backend, fullgraph=True, dynamic=True)
+
+@functools.cache
+def _compiled(backend: str) -> SoftmaxGrad:
+    compiled: Any = torch.compile(fusable_softmax_grad, backend=backend)
     return compiled
+
+
+def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
+    """`fusable_softmax_grad` under torch.compile with ``backend`` (compiled once per process and backend).
+
+    The chunk's row count is dynamic from the first call (`mark_dynamic` on dimension 0; the vocabulary
+    stays static, so the reduction is compiled for its size): the last chunk of every batch has its own
+    count, and one graph serves them all instead of a recompile in the middle of a run. A chunk of one row,
+    which dynamo would specialise, runs eagerly. Each kind of call (with or without gradient, weights, bias
+    sums; each logit transform and dtype) is a graph of its own, about four in a run; past dynamo's
+    recompile limit a new kind runs eagerly rather than failing. `torch_compile_mode` applies to the decoder
+    layers only: CUDA graphs of this function would be recorded per chunk size.
+    """
+    compiled = _compiled(backend)
+
+    def run(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, *rest: Any) -> Result:
+        if logits.shape[0] < MIN_COMPILED_ROWS:
+            return fusable_softmax_grad(logits, targets, weights, *rest)
+        for t in (logits, targets, weights):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 0)
+        return compiled(logits, targets, weights, *rest)
+
+    return run
 
 
 __all__ = ["compiled_softmax_grad", "fusable_softmax_grad", "softmax_grad"]
