@@ -88,3 +88,23 @@ def test_compiled_head_gives_the_eager_loss_and_gradients_with_one_graph():
         eager = linear_token_logps(hidden, weight, targets, transform=transform, chunk_rows=8)
     torch.testing.assert_close(logps, eager, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_compiled_head_of_a_full_bf16_run_matches_eager():
+    """An fp32 head of a bf16 run (full fine-tuning): matmuls and the chunk's gradient in bf16, compiled alike."""
+    fused_ce_chunk._compiled.cache_clear()
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(45, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(300, 16, generator=g, requires_grad=True)  # fp32, trained
+    targets = torch.randint(0, 300, (45,), generator=g)
+    out = {}
+    for backend in (None, "inductor"):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16, mixed=torch.bfloat16,
+                                    compile_backend=backend)  # fmt: skip
+        out[backend] = (loss.detach(), *torch.autograd.grad(loss, [hidden, weight]))
+    eager, compiled = out[None], out["inductor"]
+    assert compiled[1].dtype == torch.bfloat16 and compiled[2].dtype == torch.float32
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled[1:], eager[1:], strict=True):  # the same bf16 roundings, up to one ulp
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
