@@ -91,9 +91,10 @@ def _compiled(backend: str) -> SoftmaxGrad:
 def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
     """`fusable_softmax_grad` under torch.compile with ``backend`` (compiled once per process and backend).
 
-    The chunk's row count is dynamic from the first call (`mark_dynamic` on dimension 0; the vocabulary
-    stays static, so the reduction is compiled for its size): the last chunk of every batch has its own
-    count, and one graph serves them all instead of a recompile in the middle of a run. A chunk of one row,
+    The chunk's row count is dynamic from the first call (`maybe_mark_dynamic` on dimension 0: a hint, so a
+    backend that must specialise it recompiles instead of failing the run; the vocabulary stays static, so
+    the reduction is compiled for its size): the last chunk of every batch has its own count, and one graph
+    serves them all instead of a recompile in the middle of a run. A chunk of one row,
     which dynamo would specialise, runs eagerly. Each kind of call (with or without gradient, weights, bias
     sums; each logit transform and dtype) is a graph of its own, about four in a run; past dynamo's
     recompile limit a new kind runs eagerly rather than failing. `torch_compile_mode` applies to the decoder
@@ -106,7 +107,7 @@ def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
             return fusable_softmax_grad(logits, targets, weights, *rest)
         for t in (logits, targets, weights):
             if t is not None:
-                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(logits, targets, weights, *rest)
 
     return run
