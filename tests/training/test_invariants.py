@@ -119,12 +119,15 @@ def test_batch_8x1_equals_1x8(weighted, tiny_model_dir, tmp_path):
     assert moved == len(base)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "pure_bf16"])
 def test_resume_matches_uninterrupted_run(method, tiny_model_dir, sft_data, tmp_path):
-    """Stopped at step 3 (mid-epoch, mid-warmup) and resumed: the same losses and weights as one run."""
+    """Stopped at step 3 (mid-epoch, mid-warmup) and resumed: the same losses and weights as one run.
+
+    pure_bf16: StochasticAdamW's noise generators resume from the checkpoint too, or the bf16 weights would
+    round differently from step 4 on."""
     common = dict(
         stage="sft",
-        finetuning_type=method,
+        finetuning_type="full" if method == "pure_bf16" else method,
         learning_rate=1e-2,
         max_steps=7,
         save_strategy="steps",
@@ -132,6 +135,8 @@ def test_resume_matches_uninterrupted_run(method, tiny_model_dir, sft_data, tmp_
         lr_scheduler_type="cosine",
         warmup_steps=2,
     )
+    if method == "pure_bf16":
+        common.update(pure_bf16=True, bf16=True, use_cpu=True, learning_rate=1e-4)
     full_run, resumed = tmp_path / "full", tmp_path / "resumed"
     train(tiny_model_dir, sft_data, full_run, **common)
     # The state a run stopped after step 3 leaves: its checkpoint, and no later one.
@@ -146,7 +151,10 @@ def test_resume_matches_uninterrupted_run(method, tiny_model_dir, sft_data, tmp_
     assert [s for s, _ in expected] == list(range(1, 8))
     assert [s for s, _ in got] == list(range(4, 8))
     assert [loss for _, loss in got] == pytest.approx([loss for s, loss in expected if s > 3], rel=1e-5)
-    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     a, b = load_safetensors(full_run / name), load_safetensors(resumed / name)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        if method == "pure_bf16":  # the same bf16 weights, bit for bit
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)

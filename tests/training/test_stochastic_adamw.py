@@ -3,6 +3,7 @@ stochastically (unbiased, so updates below bf16's resolution survive on average)
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
@@ -86,6 +87,48 @@ def test_state_round_trips_and_bf16_moments_stay_bf16():
     s = again.state[resumed[0]]
     assert float(s["step"]) == 3 and s["exp_avg"].dtype == torch.bfloat16
     assert not torch.equal(s["exp_avg"], before)
+
+
+def test_a_resumed_optimizer_ends_on_the_same_bf16_weights():
+    """The noise generators' states are in the state dict: stopping after step 2 and resuming from the
+    saved weights and optimizer state gives, bit for bit, the weights of a run never stopped (and without
+    those states, as before, it does not)."""
+    params = _params(torch.bfloat16)
+    opt = StochasticAdamW(params, lr=1e-3, seed=7)
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g).bfloat16() for p in params] for _ in range(5)]
+
+    def run(
+        ps: list[torch.nn.Parameter], optimizer: StochasticAdamW, steps: list[list[torch.Tensor]]
+    ) -> None:
+        for step in steps:
+            for p, grad in zip(ps, step, strict=True):
+                p.grad = grad.clone()
+            optimizer.step()
+
+    def resume(state: dict) -> list[torch.nn.Parameter]:
+        ps = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = StochasticAdamW(ps, lr=1e-3, seed=7)
+        optimizer.load_state_dict(state)
+        run(ps, optimizer, grads[2:])
+        return ps
+
+    run(params, opt, grads[:2])
+    saved = torch.load(_saved(opt.state_dict()), weights_only=True)  # through a file, as a checkpoint is
+    weights = [p.detach().clone() for p in params]
+    run(params, opt, grads[2:])
+    assert all(torch.equal(a, b) for a, b in zip(params, resume(saved), strict=True))
+    old = resume(
+        {k: v for k, v in saved.items() if k != stochastic_adamw.RNG_KEY}
+    )  # noise from the seed again
+    assert not all(torch.equal(a, b) for a, b in zip(params, old, strict=True))
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_sliced_and_strided_bf16_weights_train_alike(monkeypatch):

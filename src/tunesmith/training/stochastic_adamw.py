@@ -12,8 +12,9 @@ moment's 0.1% steps are not lost either. fp32 weights are updated exactly, as to
 The work goes a slice of ``SLICE`` elements at a time, so a 262M-element embedding never needs more than a
 few fp32 slices of scratch memory. The noise comes from a generator of its own per device, seeded with the
 run's seed (the same on every rank, so data-parallel replicas stay identical): the run's other random
-streams (dropout, sampling) are the same as without it. The generators are not part of the optimizer's
-state: a resumed run draws fresh noise, which changes nothing in expectation. fp16 weights are refused.
+streams (dropout, sampling) are the same as without it. Their states travel in the optimizer's state dict
+(key ``RNG_KEY``), so a run resumed from a checkpoint draws the noise it would have drawn and ends on the
+same weights as one never stopped. fp16 weights are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 SLICE = 2**24  # elements per slice: six fp32/int32 scratch tensors of 64 MiB at most
+RNG_KEY = "stochastic_rounding_rng"  # the noise generators' states, by device, in the optimizer's state dict
 
 
 def stochastic_round_(
@@ -71,6 +73,20 @@ class StochasticAdamW(torch.optim.Optimizer):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus each noise generator's state (by device), for an exact resume."""
+        out = super().state_dict()
+        out[RNG_KEY] = {str(device): g.get_state() for device, g in self._generators.items()}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's optimizer state; the noise generators carry on where the saved run's were."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(RNG_KEY, {})  # a state dict saved before the generators travelled: fresh noise
+        super().load_state_dict(state_dict)
+        for device, rng in saved.items():
+            self._generator(torch.device(device)).set_state(rng.cpu())
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
