@@ -232,7 +232,7 @@ def load_for_context(
 
     from tunesmith.model.loader import load_model, load_tokenizer
     from tunesmith.model.tuning import TuningOptions, apply_tuning
-    from tunesmith.training.fused_ce import probe_fused_head
+    from tunesmith.training.fused_head import probe_fused_head
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)

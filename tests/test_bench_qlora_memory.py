@@ -248,7 +248,7 @@ def test_the_context_step_trains_lora_on_a_4bit_model(smoke: tuple[int, dict, Pa
 
     from tunesmith.model.loader import bnb_config, enable_gradient_checkpointing
     from tunesmith.model.tuning import TuningOptions, apply_tuning
-    from tunesmith.training.fused_ce import probe_fused_head
+    from tunesmith.training.fused_head import probe_fused_head
 
     _, res, work = smoke
     quantized = {

@@ -19,14 +19,13 @@ from tests.training.helpers import LogMessages, logged_losses, train, write_weig
 from tunesmith.data.collate import IGNORE_INDEX, CausalLMCollator
 from tunesmith.training import fused_ce
 from tunesmith.training.fused_ce import (
-    FusedHead,
     LogitTransform,
     compute_dtype,
     default_chunk_rows,
     linear_cross_entropy,
     linear_token_logps,
-    probe_fused_head,
 )
+from tunesmith.training.fused_head import FusedHead, probe_fused_head
 
 N, H, V = 37, 16, 50  # rows, hidden size, vocabulary
 TRANSFORMS = {

@@ -21,13 +21,8 @@ from tests.training.test_fused_ce import TRANSFORMS, _close, _tiny
 from tests.training.test_fused_ce import _LargestTensor as LargestTensor
 from tests.training.test_pref_stages import _logs, _train, other_model_dir, pref_dir  # noqa: F401 (its fixtures)
 from tunesmith.data.collate import IGNORE_INDEX
-from tunesmith.training.fused_ce import (
-    PROBE_TOKENS,
-    FusedHead,
-    LogitTransform,
-    linear_token_logps,
-    probe_fused_head,
-)
+from tunesmith.training.fused_ce import LogitTransform, linear_token_logps
+from tunesmith.training.fused_head import PROBE_TOKENS, FusedHead, probe_fused_head
 from tunesmith.training.pref_losses import sequence_logps
 from tunesmith.training.preference import logps
 

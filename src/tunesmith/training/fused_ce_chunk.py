@@ -16,18 +16,32 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
-class Transform(Protocol):
-    """`fused_ce.LogitTransform`: ``z = x * scale``, then ``z = softcap * tanh(z / softcap)``."""
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to the head's output: ``z = x * scale``, then ``z = softcap * tanh(z / softcap)``."""
 
-    scale: float
-    softcap: float | None
+    scale: float = 1.0
+    softcap: float | None = None
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        """Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``."""
+        text = config.get_text_config()
+        scale = float(getattr(text, "logit_scale", None) or 1.0)
+        scale /= float(getattr(text, "logits_scaling", None) or 1.0)
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return cls(scale=scale, softcap=float(softcap) if softcap else None)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The transformed logits (for the probe and tests)."""
+        z = logits * self.scale if self.scale != 1.0 else logits
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
 
 Result = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -35,7 +49,7 @@ SoftmaxGrad = Callable[..., Result]
 
 
 def softmax_grad(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: Transform,
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: LogitTransform,
     want_grad: bool, want_bias: bool, compute: torch.dtype,
 ) -> Result:  # fmt: skip
     """(row losses [C] fp32, d(sum of weighted losses)/d(logits) [C, V] in ``compute`` or None, its column
@@ -59,7 +73,7 @@ def softmax_grad(
 
 
 def fusable_softmax_grad(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: Transform,
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: LogitTransform,
     want_grad: bool, want_bias: bool, compute: torch.dtype,
 ) -> Result:  # fmt: skip
     """`softmax_grad`'s numbers, written for a compiler: no in-place update, no scatter."""
@@ -113,4 +127,4 @@ def compiled_softmax_grad(backend: str) -> SoftmaxGrad:
     return run
 
 
-__all__ = ["compiled_softmax_grad", "fusable_softmax_grad", "softmax_grad"]
+__all__ = ["LogitTransform", "compiled_softmax_grad", "fusable_softmax_grad", "softmax_grad"]

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunesmith.plotting import plot_curve
-from tunesmith.training.fused_ce import FusedHead
+from tunesmith.training.fused_head import FusedHead
 from tunesmith.training.pref_losses import (
     LENGTH_NORMALISED,
     PrefLoss,

@@ -28,7 +28,7 @@ from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROWS
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
-from tunesmith.training.fused_ce import FusedHead, probe_fused_head
+from tunesmith.training.fused_head import FusedHead, probe_fused_head
 from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 
 logger = logging.getLogger("tunesmith.train")
@@ -53,9 +53,8 @@ class TunesmithTrainer(Trainer):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.stochastic_rounding = stochastic_rounding
         self.fused_loss = fused_loss
-        self.loss_compile_backend = (
-            loss_compile_backend  # the fused head's chunk math compiled (torch_compile)
-        )
+        # torch_compile's backend for the fused head's chunk math (None: eager)
+        self.loss_compile_backend = loss_compile_backend
         self._fused: FusedHead | str | None = None  # decided at the first batch: the head, or why not
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
         self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
