@@ -136,7 +136,7 @@ def main() -> int:
     ms_sdpa = timed(lambda: step(model, to_dev, params), a.iters, cuda)
     model.set_attn_implementation(name)
     loss_v, grads_v = step(model, to_dev_b, params)
-    logits_v = logits(to_dev_b)
+    logits_v = logits(to_dev_b).view_as(logits_sdpa)  # the rows came back to back in one row
     ms_v = timed(lambda: step(model, to_dev_b, params), a.iters, cuda)
     # the decoder alone, LoRA-like (one small weight trains), with either kernel
     for w in model.parameters():

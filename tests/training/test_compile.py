@@ -11,7 +11,7 @@ import torch
 from tests.training.helpers import LogMessages, load_safetensors, logged_losses, train
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.model.compile import compile_decoder_layers, decoder_layers
+from tunesmith.model.compile import NO_SIZE_GUARDS, compile_decoder_layers, compile_kwargs, decoder_layers
 
 
 def _tiny(path: Path) -> torch.nn.Module:
@@ -34,6 +34,20 @@ def test_decoder_layers_are_found_under_peft_and_compiled_in_place(tiny_model_di
     assert inner[0]._compiled_call_impl is None
     assert all(layer._compiled_call_impl is not None for layer in inner[1:])
     assert list(model.state_dict()) == names  # in place: no `_orig_mod.` in any key
+
+
+def test_inductor_layers_compile_without_size_guards_in_any_mode(monkeypatch):
+    """The mode becomes its inductor options, plus the option that keeps the token count unguarded; another
+    backend, or a torch without the option, gets the mode as it is."""
+    import torch._inductor.config as inductor_config
+
+    assert compile_kwargs(None, "inductor") == {"options": NO_SIZE_GUARDS}
+    autotune = compile_kwargs("max-autotune", "inductor")["options"]
+    assert autotune["max_autotune"] and autotune["triton.cudagraphs"]
+    assert NO_SIZE_GUARDS.items() <= autotune.items()
+    assert compile_kwargs("reduce-overhead", "aot_eager") == {"mode": "reduce-overhead"}
+    monkeypatch.delattr(inductor_config.triton, "mix_order_reduction_non_strict_mode")
+    assert compile_kwargs("max-autotune", "inductor") == {"mode": "max-autotune"}
 
 
 def test_a_model_without_a_layer_stack_is_refused():

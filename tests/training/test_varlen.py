@@ -30,9 +30,30 @@ def test_collator_sends_boundaries_only_when_asked():
     assert not set(BOUNDARY_KEYS) & set(plain)
     batch = CausalLMCollator(0, pad_to_multiple_of=8, boundaries=True)(rows)
     assert batch["cu_seq_lens_q"].dtype == torch.int32
-    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8, 11, 16]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8]  # packed rows back to back: no padding
     assert batch["max_length_q"] == batch["max_length_k"] == 8
     assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+
+
+def test_packed_rows_become_one_row_whatever_the_batch_size():
+    """Compiled layers see [1, total] for any number of packed rows: a last batch of one row does not
+    specialise (and recompile) them on size 1. Labels come as packed (first labels already masked)."""
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "position_ids": [0, 1, 2, 0, 1],
+             "weights": [0.0, 1.0, 0.5, 0.0, 1.0]},
+            {"input_ids": [3, 4, 5], "labels": [-100, 4, 5], "position_ids": [0, 1, 2]}]  # fmt: skip
+    collate = CausalLMCollator(0, pad_to_multiple_of=4, boundaries=True)
+    two, one = collate(rows), collate(rows[1:])
+    assert two["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4, 5]]
+    assert two["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4, 5]]
+    assert two["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert two["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and two["max_length_q"] == 8
+    assert two["loss_weights"].tolist() == [[0.0, 1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    assert one["input_ids"].shape == (1, 4) and one["cu_seq_lens_q"].tolist() == [0, 3, 4]
+    assert one["labels"].tolist() == [[-100, 4, 5, -100]] and "loss_weights" not in one
+    # a row whose last document continues its positions into the next row still splits at the row
+    glued = collate([{"input_ids": [1, 2], "labels": [-100, 2], "position_ids": [0, 1]},
+                     {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [2, 3]}])  # fmt: skip
+    assert glued["cu_seq_lens_q"].tolist() == [0, 2, 4]
 
 
 def test_unpacked_rows_are_put_back_to_back_without_padding():

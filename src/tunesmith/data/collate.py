@@ -6,9 +6,11 @@ Two layouts:
   model's mask builder makes attention block-diagonal (transformers detects packed sequences from
   position ids; flash-attention derives cu_seqlens from them), and no token attends across documents.
 
-With ``boundaries`` (flash_attn: varlen) a batch also carries its document boundaries over the flattened
-batch (`BOUNDARY_KEYS`), so the attention needs neither a mask nor a device sync; unpacked rows are then
-put back to back in one row with no padding (padding-free batches).
+With ``boundaries`` (flash_attn: varlen) a batch is one row [1, total]: its rows, packed or not, back to
+back with no padding between them (padding-free batches), carrying the document boundaries
+(`BOUNDARY_KEYS`), so the attention needs neither a mask nor a device sync. One row whatever the batch
+also means compiled layers never see a new batch size: a last, smaller batch of an epoch with one packed
+row would otherwise specialise them on size 1 and recompile them mid-run (6.3 s on an H200, Llama-3.2-1B).
 
 Every batch also carries ``use_cache=False``: transformers looks for packed sequences only when the model
 has no KV cache, and a model whose config says ``use_cache: true`` (most do) makes one in a training
@@ -90,11 +92,11 @@ class CausalLMCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
-    # flash_attn: varlen: also send each batch's document boundaries (BOUNDARY_KEYS), see model/varlen.py
+    # flash_attn: varlen: one padding-free row with its document boundaries (BOUNDARY_KEYS), model/varlen.py
     boundaries: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.boundaries and "position_ids" not in features[0]:
+        if self.boundaries:
             return self._flattened(features)
         longest = max(len(f["input_ids"]) for f in features)
         m = self.pad_to_multiple_of
@@ -116,10 +118,6 @@ class CausalLMCollator:
                 [[1] * len(f["input_ids"]) for f in features], 0, length, torch.long
             )
         batch[LOSS_ROWS] = loss_rows(batch["labels"])
-        if self.boundaries:
-            packed = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
-            cu = document_boundaries(packed, [len(f["input_ids"]) for f in features], length)
-            batch.update(boundary_kwargs(cu, length))
         if any(f.get("weights") is not None for f in features):
             # a row without weights (None: all 1.0) next to weighted rows
             w = [
@@ -130,12 +128,14 @@ class CausalLMCollator:
         return batch
 
     def _flattened(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        """Unpacked rows as one row of their documents back to back, with no padding between them:
-        [1, total] (padded at the end to a multiple), position ids restarting per document and the
-        boundaries. Attention stays within each document (flash_attn: varlen), and each document's first
-        label is masked, as packing does, because the token before it now belongs to another document;
-        unpacked, that label was never a target. So the losses are those of the padded batch, and no
-        compute goes to padding."""
+        """Rows as one row of their documents back to back, with no padding between them: [1, total]
+        (padded at the end to a multiple), position ids restarting per document, and the boundaries.
+        Attention stays within each document (flash_attn: varlen). A packed row comes as it is (its
+        documents' first labels are masked already, `packing.packed_rows`); an unpacked row's first label
+        is masked, as packing does, because the token before it now belongs to another document; unpacked,
+        that label was never a target. So the losses are those of the padded batch, and no compute goes
+        to padding."""
+        packed = "position_ids" in features[0]
         lens = [len(f["input_ids"]) for f in features]
         total = sum(lens)
         m = self.pad_to_multiple_of
@@ -144,16 +144,23 @@ class CausalLMCollator:
         ids: list[int] = []
         labels: list[int] = []
         pos: list[int] = []
+        starts: list[int] = []  # of every document, in the one row
         for f, n in zip(features, lens):
+            if packed:
+                starts.extend(len(ids) + j for j in document_boundaries([f["position_ids"]], [n], n)[:-1])
+                labels.extend(f["labels"])
+                pos.extend(f["position_ids"])
+            else:
+                starts.append(len(ids))
+                labels.append(IGNORE_INDEX)
+                labels.extend(f["labels"][1:])
+                pos.extend(range(n))
             ids.extend(f["input_ids"])
-            labels.append(IGNORE_INDEX)
-            labels.extend(f["labels"][1:])
-            pos.extend(range(n))
         ids.extend([self.pad_token_id] * pad)
         labels.extend([IGNORE_INDEX] * pad)
         pos.extend(range(pad))
-        cu = [0, *itertools.accumulate(lens)] + ([length] if pad else [])
-        longest = max(lens + [pad])
+        cu = [*starts, total] + ([length] if pad else [])
+        longest = max(b - a for a, b in itertools.pairwise(cu))
         batch: dict[str, Any] = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
@@ -167,7 +174,9 @@ class CausalLMCollator:
             w: list[float] = []
             for f, n in zip(features, lens):
                 row = f["weights"] if f.get("weights") is not None else [1.0] * n
-                w.append(0.0)
-                w.extend(row[1:])
+                if not packed:
+                    w.append(0.0)
+                    row = row[1:]
+                w.extend(row)
             batch["loss_weights"] = torch.tensor([w + [0.0] * pad], dtype=torch.float32)
         return batch

@@ -28,6 +28,34 @@ def compile_backend(hf: dict[str, Any]) -> str | None:
     return (hf.get("torch_compile_backend") or "inductor") if hf.get("torch_compile") else None
 
 
+# Inductor options that keep a compiled layer from guarding on the token count. Its mix-order reduction
+# (a norm's backward: the row reduction and the weight gradient's column reduction in one kernel) is
+# chosen only for >= 4096 rows, and that check guards the graph on the size: a smaller batch, an epoch's
+# last, then recompiles every layer mid-run (5.2 s of a 60-step full-SFT Llama-3.2-1B run on an H200,
+# bench/results/step_times-2026-11-28T1536Z-h200.json). Non-strict mode skips that size heuristic (and
+# two like it), so the one graph serves every size; only a small batch's kernel choice differs.
+NO_SIZE_GUARDS = {"triton.mix_order_reduction_non_strict_mode": True}
+
+
+def compile_kwargs(mode: str | None, backend: str) -> dict[str, Any]:
+    """`torch.compile`'s mode/options for a decoder layer: inductor gets its mode's options plus
+    `NO_SIZE_GUARDS` (where this torch has them); another backend gets the mode as it is."""
+    if backend != "inductor":
+        return {"mode": mode}
+    import torch._inductor.config as inductor_config
+    from torch._inductor import list_mode_options
+
+    if not all(_known(inductor_config, key) for key in NO_SIZE_GUARDS):
+        return {"mode": mode}
+    return {"options": {**list_mode_options(mode or "default", dynamic=True), **NO_SIZE_GUARDS}}
+
+
+def _known(config: Any, key: str) -> bool:
+    """Whether an inductor config has a (dotted) option: an older torch may lack one."""
+    head, _, rest = key.partition(".")
+    return hasattr(getattr(config, head, None), rest) if rest else hasattr(config, key)
+
+
 def decoder_layers(model: Any) -> list[Any]:
     """The repeated blocks of a (PEFT-wrapped) causal LM: the longest ModuleList of one block class.
 
@@ -68,7 +96,7 @@ def compile_decoder_layers(model: Any, *, mode: str | None = None, backend: str 
     frozen_input = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
     chosen = layers[1:] if frozen_input and len(layers) > 1 else layers
     for layer in chosen:
-        layer.compile(mode=mode, backend=backend, dynamic=True)
+        layer.compile(backend=backend, dynamic=True, **compile_kwargs(mode, backend))
     log.info(
         "torch_compile: %d of %d x %s compiled in place (backend %s, mode %s)%s; the first step compiles",
         len(chosen), len(layers), type(layers[0]).__name__, backend, mode or "default",
