@@ -108,6 +108,13 @@ def cross_field_problems(
         )
     if training and not v["output_dir"]:
         add("output_dir", "training needs an output folder", "set output_dir: e.g. saves/my-run")
+    if hf.get("neftune_noise_alpha") and v["flash_attn"] == "varlen" and v["stage"] in ("pt", "sft"):
+        add(
+            "flash_attn",
+            "flash_attn: varlen lays a batch's rows back to back in one row, and NEFTune scales its noise by "
+            "1/sqrt(row length x hidden size): the noise would be about sqrt(rows) times weaker than asked",
+            "use flash_attn: auto (sdpa when neftune_noise_alpha is set) or sdpa, or remove neftune_noise_alpha",
+        )
     if v["stage"] == "ppo" and training and not v["reward_model"] and not v["reward_funcs"]:
         add(
             "reward_model",

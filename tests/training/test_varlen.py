@@ -9,7 +9,7 @@ import torch
 import tunesmith
 from tests.training.helpers import logged_losses, train, write_pt_data, write_weighted_sft_data
 from tunesmith.data.collate import BOUNDARY_KEYS, CausalLMCollator, document_boundaries
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.infer.engine import load_engine
 from tunesmith.infer.settings import SamplingSettings
 from tunesmith.model import varlen
@@ -31,6 +31,9 @@ def test_collator_sends_boundaries_only_when_asked():
     batch = CausalLMCollator(0, pad_to_multiple_of=8, boundaries=True)(rows)
     assert batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8]  # packed rows back to back: no padding
+    # every row's first label is masked: the token before it belongs to the row before (padded, it has none)
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8, 9, -100, 6, 7]]
+    assert batch["loss_rows"].tolist() == plain["loss_rows"].tolist()[:4] + [5, 6]  # same targets, 8 wide
     assert batch["max_length_q"] == batch["max_length_k"] == 8
     assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
 
@@ -47,9 +50,13 @@ def test_packed_rows_become_one_row_whatever_the_batch_size():
     assert two["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4, 5]]
     assert two["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert two["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and two["max_length_q"] == 8
-    assert two["loss_weights"].tolist() == [[0.0, 1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    assert two["loss_weights"].tolist() == [[0.0, 1.0, 0.5, 0.0, 1.0, 0.0, 1.0, 1.0]]
+    assert two["loss_rows"].tolist() == [0, 1, 3, 5, 6]  # position i's target is label i + 1
     assert one["input_ids"].shape == (1, 4) and one["cu_seq_lens_q"].tolist() == [0, 3, 4]
     assert one["labels"].tolist() == [[-100, 4, 5, -100]] and "loss_weights" not in one
+    # the trailing padding is the longest segment: the longest-document bound covers it
+    wide = CausalLMCollator(0, pad_to_multiple_of=512, boundaries=True)(rows[1:])
+    assert wide["cu_seq_lens_q"].tolist() == [0, 3, 512] and wide["max_length_q"] == 512
     # a row whose last document continues its positions into the next row still splits at the row
     glued = collate([{"input_ids": [1, 2], "labels": [-100, 2], "position_ids": [0, 1]},
                      {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [2, 3]}])  # fmt: skip
@@ -248,6 +255,32 @@ def test_padding_free_batches_match_padded_ones_for_pt_and_weighted_rows(stage, 
     train(tiny_model_dir, data, tmp_path / "varlen", flash_attn="varlen", **keys)
     want, got = logged_losses(tmp_path / "sdpa"), logged_losses(tmp_path / "varlen")
     assert len(got) == 3 and [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-5)
+
+
+def test_neftune_keeps_batches_padded(monkeypatch, tiny_model_dir, sft_data, tmp_path):
+    """NEFTune scales its noise by the row length: with it, auto never picks varlen's one-row batches (the
+    loader is told there are no boundaries), and an explicit varlen is refused when the config loads."""
+    from tunesmith.config import load_config
+    from tunesmith.training import causal_lm
+
+    class Loaded(Exception):
+        pass
+
+    seen: dict = {}
+
+    def loader(cfg, tokenizer, dtype, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(causal_lm, "_load_model", loader)  # run_steps imports it per run
+    for alpha, padding_free in ((None, True), (5.0, False)):
+        keys = {"neftune_noise_alpha": alpha} if alpha else {}
+        with pytest.raises(Loaded):
+            train(tiny_model_dir, sft_data, tmp_path / f"n{alpha}", **keys)
+        assert seen["padding_free"] is padding_free
+    with pytest.raises(ConfigError, match="NEFTune.*sqrt.*use flash_attn: auto"):
+        load_config(None, ["flash_attn=varlen", "neftune_noise_alpha=5"])
+    load_config(None, ["flash_attn=varlen", "neftune_noise_alpha=5", "stage=dpo"])  # DPO: no one-row batches
 
 
 def test_unsupported_model_features_and_missing_api_are_refused(monkeypatch):

@@ -79,11 +79,11 @@ def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     return target_rows(shifted_labels(labels))
 
 
-def boundary_kwargs(cu: list[int], width: int) -> dict[str, Any]:
-    """The batch keys that carry the boundaries: int32 cumulative lengths and, as the longest document, the
-    row width (an upper bound flash accepts; a constant, so compiled layers do not specialise on it)."""
+def boundary_kwargs(cu: list[int], longest: int) -> dict[str, Any]:
+    """The batch keys that carry the boundaries: int32 cumulative lengths and ``longest``, an upper bound of
+    the longest document (flash accepts any; a rounded one gives compiled layers fewer values to see)."""
     t = torch.tensor(cu, dtype=torch.int32)
-    return {"cu_seq_lens_q": t, "cu_seq_lens_k": t, "max_length_q": width, "max_length_k": width}
+    return {"cu_seq_lens_q": t, "cu_seq_lens_k": t, "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,10 @@ class CausalLMCollator:
     def _flattened(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """Rows as one row of their documents back to back, with no padding between them: [1, total]
         (padded at the end to a multiple), position ids restarting per document, and the boundaries.
-        Attention stays within each document (flash_attn: varlen). A packed row comes as it is (its
-        documents' first labels are masked already, `packing.packed_rows`); an unpacked row's first label
-        is masked, as packing does, because the token before it now belongs to another document; unpacked,
-        that label was never a target. So the losses are those of the padded batch, and no compute goes
-        to padding."""
+        Attention stays within each document (flash_attn: varlen). Every row's first label is masked,
+        because the token before it now belongs to another row; in the padded batch that label was never a
+        target (packing masks every document's first label the same way, `packing.packed_rows`). So the
+        losses are those of the padded batch, and no compute goes to padding."""
         packed = "position_ids" in features[0]
         lens = [len(f["input_ids"]) for f in features]
         total = sum(lens)
@@ -148,14 +147,13 @@ class CausalLMCollator:
         for f, n in zip(features, lens):
             if packed:
                 starts.extend(len(ids) + j for j in document_boundaries([f["position_ids"]], [n], n)[:-1])
-                labels.extend(f["labels"])
                 pos.extend(f["position_ids"])
             else:
                 starts.append(len(ids))
-                labels.append(IGNORE_INDEX)
-                labels.extend(f["labels"][1:])
                 pos.extend(range(n))
             ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(f["labels"][1:])
         ids.extend([self.pad_token_id] * pad)
         labels.extend([IGNORE_INDEX] * pad)
         pos.extend(range(pad))
@@ -174,9 +172,7 @@ class CausalLMCollator:
             w: list[float] = []
             for f, n in zip(features, lens):
                 row = f["weights"] if f.get("weights") is not None else [1.0] * n
-                if not packed:
-                    w.append(0.0)
-                    row = row[1:]
-                w.extend(row)
+                w.append(0.0)
+                w.extend(row[1:])
             batch["loss_weights"] = torch.tensor([w + [0.0] * pad], dtype=torch.float32)
         return batch

@@ -9,8 +9,9 @@ Here the collator sends each batch's document boundaries (``cu_seq_lens_q``: cum
 flattened [rows x L] tokens, int32, computed on the CPU, so no device sync) with the batch, transformers
 hands them to the attention function of every layer, and PyTorch's own flash-attention varlen kernel
 (`torch.nn.attention.varlen.varlen_attn`, no flash-attn package needed) runs each document causally on
-its own. Packed rows keep their shape (a row's trailing padding is one more document, all labels
--100); unpacked rows are put back to back in one row with no padding at all (`CausalLMCollator`).
+its own. A batch's rows, packed or not, are put back to back in one row with no padding between them
+(`CausalLMCollator`; padding to a multiple at the end is one more document, all labels -100). The
+attention still takes [rows x L] batches with boundaries over the flattened tokens.
 
 Calls without those boundaries (generation with a KV cache, the loss probe, DPO's collator) take an exact
 path: SDPA with a boolean mask built from the 2-D padding mask and, for packed rows, from the position

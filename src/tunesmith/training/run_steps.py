@@ -101,9 +101,17 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
         sharded=bool(hf.get("deepspeed") or hf.get("fsdp")),
         cuda=torch.cuda.is_available(),
     )
-    # pt and sft batches carry document boundaries under varlen (train_causal_lm's collator)
+    # pt and sft batches carry document boundaries under varlen (train_causal_lm's collator), one row a
+    # batch, whose length NEFTune would take for the padded rows' (config_checks refuses an explicit varlen)
+    neftune = bool(hf.get("neftune_noise_alpha"))
+    if neftune and cfg.model.flash_attn == "auto" and torch.cuda.is_available():
+        log.info("flash_attn: auto: sdpa, since NEFTune scales its noise by the padded row length")
     tuned = _load_model(
-        cfg, tokenizer, dtype, padding_free=kind in ("pt", "sft"), defer_checkpointing=auto_ckpt
+        cfg,
+        tokenizer,
+        dtype,
+        padding_free=kind in ("pt", "sft") and not neftune,
+        defer_checkpointing=auto_ckpt,
     )
     if auto_ckpt:
         auto_checkpointing(tuned.model, tokens=args.per_device_train_batch_size * cfg.data.cutoff_len,
