@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -320,7 +321,27 @@ def steady(records: list[dict], warm: int) -> dict | None:
     tokens = b["tokens_seen"] - a["tokens_seen"]
     return {"from_step": a["step"], "to_step": b["step"], "tokens": tokens,
             "seconds": round(b["elapsed_s"] - a["elapsed_s"], 3), "tokens_per_s": round(rate, 1),
-            "tokens_per_step": round(tokens / (b["step"] - a["step"]), 1)}  # fmt: skip
+            "tokens_per_step": round(tokens / (b["step"] - a["step"]), 1)} | stalls(later)  # fmt: skip
+
+
+def stalls(records: list[dict], factor: float = 5.0, floor_s: float = 1.0) -> dict:
+    """The median seconds a step in the window, and its stalls: logged intervals whose seconds a step exceed
+    `factor` x the median and the median + `floor_s` (a recompile or a host pause inside the window; the
+    rate above counts them, as a user's run would)."""
+    per_step = [
+        ((r["elapsed_s"] - q["elapsed_s"]) / (r["step"] - q["step"]), r["step"])
+        for q, r in zip(records, records[1:])
+        if r["step"] > q["step"]
+    ]
+    if not per_step:
+        return {}
+    median = statistics.median(d for d, _ in per_step)
+    slow = [
+        {"step": step, "seconds": round(d, 3)}
+        for d, step in per_step
+        if d > max(factor * median, median + floor_s)
+    ]
+    return {"median_step_s": round(median, 4), "stalls": slow}
 
 
 # ---- goals and summary ------------------------------------------------------------------------------------
@@ -440,6 +461,13 @@ def summary_table(runs: dict[str, dict], goals: list[dict], guards: list[dict]) 
             f"{key:28} {_fmt(s.get('tokens_per_s'), ',.0f'):>10} {_fmt(s.get('tokens_per_step'), ',.0f'):>9} "
             f"{_fmt(r.get('peak_mem_gib'), '.2f'):>9} {_fmt(m and 100 * m, '.1f'):>6}  {status}"
         )
+    for key, r in runs.items():
+        s = r.get("steady") or {}
+        for stall in s.get("stalls") or ():
+            lines.append(
+                f"stall [{key}]: step {stall['step']} took {stall['seconds']:.2f} s (median "
+                f"{s['median_step_s']:.3f} s), counted in its tokens/s: a recompile or a host pause"
+            )
     word = {True: "PASS", False: "FAIL", None: "n/a"}
     for g in goals:
         side = g.get("side")

@@ -128,8 +128,24 @@ def _records(n: int, tokens: int = 100, seconds: float = 0.5) -> list[dict]:
 def test_steady_counts_from_the_warm_step() -> None:
     got = tb.steady(_records(60), warm=10)
     assert got == {"from_step": 10, "to_step": 60, "tokens": 5000, "seconds": 25.0,
-                   "tokens_per_s": 200.0, "tokens_per_step": 100.0}  # fmt: skip
+                   "tokens_per_s": 200.0, "tokens_per_step": 100.0, "median_step_s": 0.5,
+                   "stalls": []}  # fmt: skip
     assert tb.steady(_records(10), warm=10) is None  # one record past warm-up: no rate
+
+
+def test_a_stall_inside_the_window_is_named_and_still_counted() -> None:
+    """A mid-run recompile (one step of 5.2 s among steps of 0.5 s) is reported with its step, and the rate
+    keeps counting it; intervals of several logged steps are compared per step."""
+    records = _records(60)
+    for r in records[34:]:
+        r["elapsed_s"] += 4.7  # step 35 took 5.2 s
+    got = tb.steady(records, warm=10)
+    assert got["stalls"] == [{"step": 35, "seconds": 5.2}] and got["median_step_s"] == 0.5
+    assert got["tokens_per_s"] == round(5000 / 29.7, 1)
+    every_5 = [r for r in _records(60) if r["step"] % 5 == 0]
+    assert tb.steady(every_5, warm=10)["stalls"] == [] and tb.steady(every_5, warm=10)["median_step_s"] == 0.5
+    table = tb.summary_table({"llama/full/ts-best": {"steady": got, "peak_mem_gib": 1.0}}, [], [])
+    assert "stall [llama/full/ts-best]: step 35 took 5.20 s (median 0.500 s)" in table
 
 
 def _run(
