@@ -95,6 +95,7 @@ def test_compiled_lora_run_matches_eager_and_saves_the_same_adapter(
     # (dynamic), none for the fused-loss probe (eager), none for the first layer (eager, its input needs no
     # gradient).
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not any("new graph(s) compiled" in m for m in handler.messages)  # no mid-run recompile
     assert calls == [{"backend": "inductor", "dynamic": True, **compile_kwargs(None, "inductor")}]
     eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
     assert [s for s, _ in compiled] == [1, 2, 3, 4]
@@ -112,3 +113,35 @@ def test_compiled_lora_run_matches_eager_and_saves_the_same_adapter(
 def test_torch_compile_is_a_known_key():
     cfg = load_config(None, ["torch_compile=true", "torch_compile_mode=max-autotune-no-cudagraphs"])
     assert cfg.training.hf["torch_compile"] is True
+
+
+def test_a_mid_run_recompile_is_reported_with_its_step(tiny_model_dir, sft_data, tmp_path):
+    """16 rows in batches of 5: the 4th batch has one row, which dynamo specialises (CPU batches are padded
+    rows, [rows, length]), so the compiled layers recompile during step 4, and the log says so."""
+    handler = LogMessages()
+    logging.getLogger("tunesmith").addHandler(handler)
+    torch._dynamo.reset()
+    try:
+        train(tiny_model_dir, sft_data, tmp_path / "run", torch_compile=True, max_steps=4,
+              per_device_train_batch_size=5, disable_gradient_checkpointing=True)  # fmt: skip
+    finally:
+        logging.getLogger("tunesmith").removeHandler(handler)
+    notices = [m for m in handler.messages if "new graph(s) compiled" in m]
+    assert len(notices) == 1 and "during step 4" in notices[0] and "TORCH_LOGS=recompiles" in notices[0]
+
+
+def test_an_evaluations_own_graphs_are_not_blamed_on_the_next_step(tiny_model_dir, sft_data, tmp_path):
+    """Evaluation after step 1 compiles graphs without gradients: said at info level. 12 training rows in
+    batches of 11: step 2's one row recompiles, and only that step is warned about."""
+    handler = LogMessages()
+    logging.getLogger("tunesmith").addHandler(handler)
+    torch._dynamo.reset()
+    try:
+        train(tiny_model_dir, sft_data, tmp_path / "run", torch_compile=True, max_steps=2, val_size=0.25,
+              eval_strategy="steps", eval_steps=1, per_device_train_batch_size=11,
+              per_device_eval_batch_size=4, disable_gradient_checkpointing=True)  # fmt: skip
+    finally:
+        logging.getLogger("tunesmith").removeHandler(handler)
+    assert any("evaluation compiled" in m for m in handler.messages)
+    notices = [m for m in handler.messages if "new graph(s) compiled" in m]
+    assert len(notices) == 1 and "during step 2" in notices[0], notices

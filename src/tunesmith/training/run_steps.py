@@ -192,6 +192,10 @@ def finish_run(
     from tunesmith.training.causal_lm import restore_loaded_dtype
     from tunesmith.training.outputs import save_tokenizer_and_generation_config
 
+    if compile_backend(run.cfg.training.hf) is not None:
+        from tunesmith.training.recompile_notice import RecompileNotice
+
+        trainer.add_callback(RecompileNotice())
     status = "failed"
     try:
         with sdpa_kernels():
