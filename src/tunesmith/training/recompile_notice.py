@@ -28,13 +28,11 @@ class RecompileNotice(TrainerCallback):
     """Logs a warning at each step after the first whose end finds more compiled graphs than the last."""
 
     def __init__(self) -> None:
-        self.seen: int | None = None  # graphs after the first step
-        self.notices: list[tuple[int, int]] = []  # (step, new graphs)
+        self.seen: int | None = None  # graphs as of the last step's end (None before the first)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = compiled_graphs()
         if self.seen is not None and now > self.seen:
-            self.notices.append((state.global_step, now - self.seen))
             log.warning(
                 "torch_compile: %d new graph(s) compiled during step %d, which stalled it: the compiled code "
                 "had guarded on something this batch changed (a size, a dtype). To see which guard, run "
