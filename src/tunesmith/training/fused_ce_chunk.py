@@ -48,6 +48,16 @@ Result = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 SoftmaxGrad = Callable[..., Result]
 
 
+def _row_losses(
+    logits: torch.Tensor, targets: torch.Tensor, transform: LogitTransform
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both forms' start: the transformed fp32 logits z [C, V] (like the plain path), their log-sum-exp [C]
+    and the row losses [C]."""
+    z = transform.apply(logits.float())
+    lse = torch.logsumexp(z, dim=-1)
+    return z, lse, lse - z.gather(1, targets[:, None]).squeeze(1)
+
+
 def softmax_grad(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, transform: LogitTransform,
     want_grad: bool, want_bias: bool, compute: torch.dtype,
@@ -55,9 +65,7 @@ def softmax_grad(
     """(row losses [C] fp32, d(sum of weighted losses)/d(logits) [C, V] in ``compute`` or None, its column
     sums [V] fp32 for a bias or None). ``logits`` [C, V] are the head's output before the transform;
     ``weights`` [C] fp32 or None (all 1)."""
-    z = transform.apply(logits.float())  # [chunk, V], fp32 like the plain path
-    lse = torch.logsumexp(z, dim=-1)
-    row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    z, lse, row_loss = _row_losses(logits, targets, transform)
     if not want_grad:
         return row_loss, None, None
     # softmax; in z's own buffer unless the soft-cap derivative still needs z
@@ -77,9 +85,7 @@ def fusable_softmax_grad(
     want_grad: bool, want_bias: bool, compute: torch.dtype,
 ) -> Result:  # fmt: skip
     """`softmax_grad`'s numbers, written for a compiler: no in-place update, no scatter."""
-    z = transform.apply(logits.float())
-    lse = torch.logsumexp(z, dim=-1)
-    row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    z, lse, row_loss = _row_losses(logits, targets, transform)
     if not want_grad:
         return row_loss, None, None
     hot = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
