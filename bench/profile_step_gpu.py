@@ -38,8 +38,6 @@ VARIANTS = {
     "default": {},  # on a GPU, flash_attn: auto is varlen here (padding-free rows)
     "default_sdpa": {"flash_attn": "sdpa"},  # the default before varlen: padded rows
     "default_compile": {"torch_compile": True},
-    # CUDA graphs over the compiled layers (one recording per distinct batch length): does it run, and pay?
-    "default_compile_cudagraphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
     "no_grad_ckpt": {"disable_gradient_checkpointing": True},
     "packing": {"packing": True},
     "packing_no_ckpt": {"packing": True, "disable_gradient_checkpointing": True},

@@ -55,6 +55,11 @@ _APPLIES_ONLY = (
 )
 
 
+# torch.compile's modes; the first two record CUDA graphs (inductor's `triton.cudagraphs`)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
+
+
 def resolve_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     """Fill the defaults that depend on other keys (lora_alpha, packing, data_cache_dir, checkpointing)."""
     out = dict(values)
@@ -114,6 +119,23 @@ def cross_field_problems(
             "flash_attn: varlen lays a batch's rows back to back in one row, and NEFTune scales its noise by "
             "1/sqrt(row length x hidden size): the noise would be about sqrt(rows) times weaker than asked",
             "use flash_attn: auto (sdpa when neftune_noise_alpha is set) or sdpa, or remove neftune_noise_alpha",
+        )
+    mode = hf.get("torch_compile_mode")
+    if hf.get("torch_compile") and mode is not None and mode not in COMPILE_MODES:
+        add(
+            "torch_compile_mode",
+            f"torch_compile_mode {mode!r} is not a torch.compile mode",
+            "use one of the allowed modes, or remove torch_compile_mode (default)",
+            allowed=", ".join(m for m in COMPILE_MODES if m not in CUDA_GRAPH_MODES),
+        )
+    elif hf.get("torch_compile") and mode in CUDA_GRAPH_MODES:
+        add(
+            "torch_compile_mode",
+            f"torch_compile_mode: {mode} records CUDA graphs, and tunesmith compiles each decoder layer on its "
+            "own: a step runs every layer's recorded forward before any backward, which CUDA graph trees do "
+            "not support (the run crashed with a segfault on an H200, torch 2.11)",
+            f"use torch_compile_mode: {'max-autotune-no-cudagraphs' if mode == 'max-autotune' else 'default'} "
+            "(the same kernels without CUDA graphs), or remove torch_compile_mode",
         )
     if v["stage"] == "ppo" and training and not v["reward_model"] and not v["reward_funcs"]:
         add(

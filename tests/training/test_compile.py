@@ -115,6 +115,24 @@ def test_torch_compile_is_a_known_key():
     assert cfg.training.hf["torch_compile"] is True
 
 
+@pytest.mark.parametrize(
+    "mode,fix",
+    [("reduce-overhead", "use torch_compile_mode: default"), ("max-autotune", "max-autotune-no-cudagraphs")],
+)
+def test_cuda_graph_modes_are_refused_when_the_config_loads(mode, fix):
+    """Per-layer compiled training under CUDA graph trees crashed (a segfault, H200, torch 2.11): refused with
+    the mode that keeps the kernels."""
+    with pytest.raises(ConfigError, match=f"(?s)torch_compile_mode.*{mode}.*CUDA graphs.*{fix}"):
+        load_config(None, ["torch_compile=true", f"torch_compile_mode={mode}"])
+    with pytest.raises(
+        ConfigError, match="(?s)'fastest' is not a torch.compile mode.*max-autotune-no-cudagraphs"
+    ):
+        load_config(None, ["torch_compile=true", "torch_compile_mode=fastest"])
+    for ok in ("default", "max-autotune-no-cudagraphs"):
+        load_config(None, ["torch_compile=true", f"torch_compile_mode={ok}"])
+    load_config(None, [f"torch_compile_mode={mode}"])  # without torch_compile the mode is not used
+
+
 def test_a_mid_run_recompile_is_reported_with_its_step(tiny_model_dir, sft_data, tmp_path):
     """16 rows in batches of 5: the 4th batch has one row, which dynamo specialises (CPU batches are padded
     rows, [rows, length]), so the compiled layers recompile during step 4, and the log says so."""
