@@ -11,7 +11,10 @@ The loss is computed by default without materialising the logits (`training.fuse
 and the reason is logged once. Token counts and the watchdog's loss checks stay on the device until a
 logging step, so tunesmith's bookkeeping does not sync per micro-batch; the fused loss takes its
 supervised rows (a data-dependent shape) from the collator (`loss_rows`, found on the CPU), and batches are
-copied to the GPU without blocking (`causal_lm.data_loading`), so a step has no host sync outside logging.
+copied to the GPU without blocking (`causal_lm.data_loading`), so tunesmith adds no host sync to a step outside
+logging. Transformers' mask creation still reads one value back per forward: with position ids and no padding
+mask (packed rows, varlen's one row) `find_packed_sequence_indices` tests its result with `.all()`, and the
+padded path's causal-skip check does the same.
 """
 
 from __future__ import annotations
