@@ -13,24 +13,34 @@ the fused loss head, AdamW, gradient clipping), four ways:
 - eager_graph, compiled_graph: the same, with the forward + backward captured once and replayed each step
   (the optimizer and clipping stay outside the graph).
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
-memory, the first step's loss and its gradients against eager's (relative L2 of a few LoRA weights'), and
-the loss after the last step. Pass: every variant that ran agrees with eager within the tolerance; a
-variant that fails to run is reported with its error, not hidden. Raw results: --out (JSON).
+memory, optimizer steps taken (counted from AdamW's state), compiled decoder layers, the first step's loss and
+its gradients (relative L2 of a few LoRA weights'), and the loss after the last step. Checks: every variant
+against eager (compiling may move bf16 numbers a little); each graph variant against its twin without the
+graph, tightly (same kernels: a replay must give the same numbers, step 1 and after the last step). Each
+variant runs in its own process, so one that crashes (the last CUDA graph attempt segfaulted) is reported
+with its exit code and output, and the results so far are written after every variant. Exit 0: all ran and
+pass; 1: a check failed; 2: a variant did not run. Raw results: --out (JSON).
 
-    python3 bench/cuda_graph_step.py --out $OUT/cuda_graph_step.json            # on the device
-    python bench/cuda_graph_step.py --cpu-smoke --out /tmp/g.json               # code paths (no graphs)
+    PYTHONPATH=src python3 bench/cuda_graph_step.py --out $OUT/cuda_graph_step.json   # on the device
+    python bench/cuda_graph_step.py --cpu-smoke --out /tmp/g.json                     # code paths (no graphs)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # tunesmith from this checkout
 
 from train_gpu_smoke import QWEN25_05B, device, versions  # bench/ is on sys.path when run as a script
 
@@ -38,6 +48,8 @@ SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
                "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
 VARIANTS = ("eager", "compiled", "eager_graph", "compiled_graph")
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}
+# a graph variant against its twin: the same kernels, replayed (flash-attention's backward sums with atomics)
+TWIN_TOLERANCE = {"loss_rel": 1e-3, "grad_rel": 1e-2, "last_loss_rel": 1e-3}
 WATCHED = ("layers.0.self_attn.q_proj.lora_B", "layers.1.mlp.down_proj.lora_A")  # gradients compared
 
 
@@ -53,8 +65,8 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
     return out
 
 
-def build(config: dict, dtype: Any, dev: Any, attn: str, compiled: bool) -> tuple[Any, list, Any]:
-    """A fresh LoRA model (same seed every time), its trained parameters and AdamW."""
+def build(config: dict, dtype: Any, dev: Any, attn: str, compiled: bool) -> tuple[Any, list, Any, int]:
+    """A fresh LoRA model (same seed every time), its trained parameters, AdamW and its compiled layers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -68,17 +80,16 @@ def build(config: dict, dtype: Any, dev: Any, attn: str, compiled: bool) -> tupl
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     model.train()
-    if compiled:
-        compile_decoder_layers(model, backend="inductor")
+    layers = compile_decoder_layers(model, backend="inductor") if compiled else 0
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
-    return model, trained, opt
+    return model, trained, opt, layers
 
 
 def watched_grads(model: Any) -> dict[str, Any]:
     """Copies of the gradients of the WATCHED parameters (fp32)."""
     found = {
-        key: p.grad.detach().float().clone()
+        key: p.grad.detach().float().cpu().clone()
         for name, p in model.named_parameters()
         for key in WATCHED
         if f".{key}." in name and name.endswith("default.weight") and p.grad is not None
@@ -99,7 +110,7 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
     cuda = dev.type == "cuda"
     attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(_cfg(config)))
     compiled = name.startswith("compiled")
-    model, trained, opt = build(config, dtype, dev, attn, compiled)
+    model, trained, opt, layers = build(config, dtype, dev, attn, compiled)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     labels, rows = inputs.pop("labels"), inputs.pop(LOSS_ROWS)
     # as the trainer does: with torch_compile, the loss head's chunk math is compiled too
@@ -133,21 +144,16 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         def fb() -> Any:
             graph.replay()  # rewrites the gradients in place: no zeroing, ever
             return static_loss
-
-        def step() -> Any:
-            loss = fb()
-            update()
-            return loss
     else:
 
         def fb() -> Any:
             opt.zero_grad(set_to_none=True)
             return forward_backward()
 
-        def step() -> Any:
-            loss = fb()
-            update()
-            return loss
+    def step() -> Any:
+        loss = fb()
+        update()
+        return loss
 
     first_loss = float(fb())
     grads = watched_grads(model)
@@ -167,7 +173,9 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         "ms_per_step": round(ms, 3),
         "first_loss": first_loss,
         "last_loss": float(last),
-        "optimizer_steps": 1 + a.warmup + a.steps,
+        "optimizer_steps": int(opt.state[trained[0]]["step"]),
+        "compiled_layers": layers,
+        "head_compile_backend": head.compile_backend,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "_grads": grads,
     }
@@ -179,7 +187,7 @@ def _cfg(config: dict) -> Any:
     return Qwen2Config(**config)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu-smoke", action="store_true")
@@ -189,76 +197,166 @@ def main(argv: list[str] | None = None) -> int:
                    help="row lengths (60 250: about 1,200 tokens a step like the alpaca default; smoke 8 24)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--variant-timeout", type=float, default=900, help="seconds for one variant's process")
+    p.add_argument("--crash-variant", choices=VARIANTS, default=None,
+                   help="tests only: that variant's process aborts at its start (the failure path)")  # fmt: skip
+    p.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # one variant's process
+    p.add_argument("--part", type=Path, default=None, help=argparse.SUPPRESS)  # where the child saves it
     a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
+    return a
 
+
+def setup(a: argparse.Namespace) -> tuple[bool, Any, Any, dict, dict, tuple[int, int]]:
+    """(cuda, device, dtype, model config, the batch, row lengths): the same in every process."""
     import torch
 
     from tunesmith.data.collate import CausalLMCollator
 
     cuda = torch.cuda.is_available() and not a.cpu_smoke
-    if not cuda and not a.cpu_smoke:
-        raise SystemExit("no CUDA GPU (--cpu-smoke checks the code paths on CPU)")
-    mode = "gpu" if cuda else "cpu"
-    variants = a.variants or (VARIANTS if cuda else ("eager", "compiled"))
-    if not cuda and any(v.endswith("_graph") for v in variants):
-        raise SystemExit("CUDA graphs need a GPU: leave the *_graph variants out with --cpu-smoke")
     dtype = torch.bfloat16 if cuda else torch.float32
     dev = torch.device("cuda" if cuda else "cpu")
     config = {k: v for k, v in QWEN25_05B.items() if k != "architectures"} | ({} if cuda else SMOKE_SHAPE)
     lo, hi = a.row_tokens or ((60, 250) if cuda else (8, 24))
-    features = rows_like_alpaca(a.rows, config["vocab_size"], lo, hi)
-    batch = CausalLMCollator(0, boundaries=True)(features)
+    batch = CausalLMCollator(0, boundaries=True)(rows_like_alpaca(a.rows, config["vocab_size"], lo, hi))
+    return cuda, dev, dtype, config, batch, (lo, hi)
 
-    results: dict[str, dict] = {}
-    for name in variants:
-        try:
-            results[name] = run_variant(name, a, config, batch, dev, dtype)
-        except Exception as e:  # a variant that cannot run is a result too
-            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-        print(
-            json.dumps({name: {k: v for k, v in results[name].items() if not k.startswith("_")}}), flush=True
-        )
-        if cuda:
-            torch.cuda.empty_cache()
 
-    tol = TOLERANCE[mode]
-    reference = results.get("eager", {})
-    checks: dict[str, Any] = {"tolerance": tol, "against": "eager"}
-    ok = "error" not in reference and bool(reference)
-    grads_of = {name: r.pop("_grads", None) for name, r in results.items()}
-    for name, r in results.items():
-        if name == "eager" or "error" in r or not ok:
-            continue
-        loss_rel = abs(r["first_loss"] - reference["first_loss"]) / abs(reference["first_loss"])
-        grad_rel = {
-            k: float((g - grads_of["eager"][k]).norm() / grads_of["eager"][k].norm().clamp_min(1e-12))
-            for k, g in grads_of[name].items()
+def child(a: argparse.Namespace) -> int:
+    """One variant in this process: its result (gradients as tensors) saved to --part."""
+    import torch
+
+    if a.child == a.crash_variant:
+        os.abort()
+    _, dev, dtype, config, batch, _ = setup(a)
+    try:
+        result = run_variant(a.child, a, config, batch, dev, dtype)
+    except Exception as e:  # a variant that cannot run is a result too
+        cause = f" (caused by {e.__context__!r})" if e.__context__ is not None else ""
+        result = {"error": f"{type(e).__name__}: {e}{cause}", "traceback": traceback.format_exc()[-3000:]}
+    torch.save(result, a.part)
+    return 0
+
+
+def spawn(name: str, a: argparse.Namespace, argv: list[str], part: Path) -> dict:
+    """Run one variant in its own process; a crash or timeout becomes an error entry with the output's tail."""
+    import torch
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", name, "--part", str(part)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.variant_timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or "")[-1500:] if isinstance(e.stdout, str) else ""
+        return {"error": f"timed out after {a.variant_timeout:.0f} s", "output_tail": tail}
+    if proc.returncode != 0 or not part.exists():
+        return {
+            "error": f"the variant's process exited with {proc.returncode}",
+            "output_tail": (proc.stdout + proc.stderr)[-3000:],
         }
-        passed = loss_rel <= tol["loss_rel"] and max(grad_rel.values()) <= tol["grad_rel"]
-        last_rel = abs(r["last_loss"] - reference["last_loss"]) / abs(reference["last_loss"])
-        checks[name] = {"first_loss_rel_diff": loss_rel, "grad_rel_l2_diff": grad_rel, "pass": passed,
-                        "last_loss_rel_diff (information: bf16 rounding compounds over the steps)": last_rel}  # fmt: skip
-        ok = ok and passed
-    eager_ms = reference.get("ms_per_step")
-    speed = {
-        name: round(eager_ms / r["ms_per_step"], 3)
-        for name, r in results.items()
-        if eager_ms and r.get("ms_per_step")
+    return torch.load(part, weights_only=False)
+
+
+def rel(x: float, y: float) -> float:
+    return abs(x - y) / max(abs(y), 1e-12)
+
+
+def grad_rel(grads: dict, reference: dict) -> dict[str, float]:
+    return {
+        k: float((g - reference[k]).norm() / reference[k].norm().clamp_min(1e-12)) for k, g in grads.items()
     }
-    checks["pass"] = ok
+
+
+def compare(results: dict[str, dict], grads_of: dict[str, dict], tol: dict) -> dict[str, Any]:
+    """Every variant against eager; every graph variant against its twin (tightly)."""
+    checks: dict[str, Any] = {"tolerance": tol, "twin_tolerance": TWIN_TOLERANCE}
+    ran = {name for name, r in results.items() if "error" not in r}
+    for name in sorted(ran - {"eager"}):
+        r = results[name]
+        entry: dict[str, Any] = {}
+        if "eager" in ran:
+            e = results["eager"]
+            g = grad_rel(grads_of[name], grads_of["eager"])
+            entry["vs_eager"] = {
+                "first_loss_rel_diff": rel(r["first_loss"], e["first_loss"]),
+                "grad_rel_l2_diff": g,
+                "last_loss_rel_diff (information: bf16 rounding compounds over the steps)": rel(
+                    r["last_loss"], e["last_loss"]
+                ),
+                "pass": rel(r["first_loss"], e["first_loss"]) <= tol["loss_rel"]
+                and max(g.values()) <= tol["grad_rel"],
+            }
+        twin = name.removesuffix("_graph")
+        if name.endswith("_graph") and twin in ran:
+            t = results[twin]
+            g = grad_rel(grads_of[name], grads_of[twin])
+            d = {
+                "first_loss_rel_diff": rel(r["first_loss"], t["first_loss"]),
+                "grad_rel_l2_diff": g,
+                "last_loss_rel_diff": rel(r["last_loss"], t["last_loss"]),
+            }
+            d["pass"] = (
+                d["first_loss_rel_diff"] <= TWIN_TOLERANCE["loss_rel"]
+                and max(g.values()) <= TWIN_TOLERANCE["grad_rel"]
+                and d["last_loss_rel_diff"] <= TWIN_TOLERANCE["last_loss_rel"]
+            )
+            entry[f"vs_{twin}"] = d
+        entry["pass"] = all(v["pass"] for v in entry.values() if isinstance(v, dict))
+        checks[name] = entry
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    if a.child:
+        return child(a)
+    import torch
+
+    if not torch.cuda.is_available() and not a.cpu_smoke:
+        raise SystemExit("no CUDA GPU (--cpu-smoke checks the code paths on CPU)")
+    cuda, _, _, _, batch, (lo, hi) = setup(a)
+    mode = "gpu" if cuda else "cpu"
+    variants = a.variants or (VARIANTS if cuda else ("eager", "compiled"))
+    if not cuda and any(v.endswith("_graph") for v in variants):
+        raise SystemExit("CUDA graphs need a GPU: leave the *_graph variants out with --cpu-smoke")
     out = {
         "bench": "cuda_graph_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": mode, "device": device(), "versions": versions(),
         "model": ("Qwen2.5-0.5B architecture, random init, bf16" if cuda else "2-layer Qwen2 (smoke), fp32")
-                 + ", PEFT LoRA r=8 on every linear layer, varlen attention, fused loss head, fused AdamW",
+                 + ", PEFT LoRA r=8 on every linear layer, varlen attention, fused loss head, AdamW",
         "batch": {"rows": a.rows, "tokens": int(batch["input_ids"].numel()),
                   "trained_tokens": int(batch["loss_rows"].numel()), "row_tokens": [lo, hi]},
-        "variants": results, "speedup_vs_eager": speed, "checks": checks,
+        "variants": {},
     }  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = out["variants"]
+    grads_of: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in variants:
+            r = spawn(name, a, argv, Path(tmp) / f"{name}.pt")
+            grads_of[name] = r.pop("_grads", None)
+            results[name] = r
+            print(json.dumps({name: r}), flush=True)
+            a.out.write_text(json.dumps(out, indent=1))  # what ran so far survives a later crash
+    checks = compare(results, grads_of, TOLERANCE[mode])
+    failed = [name for name, r in results.items() if "error" in r]
+    checks["failed_to_run"] = failed
+    checks["pass"] = all(v["pass"] for v in checks.values() if isinstance(v, dict) and "pass" in v)
+    eager_ms = results.get("eager", {}).get("ms_per_step")
+    out["speedup_vs_eager"] = {
+        name: round(eager_ms / r["ms_per_step"], 3)
+        for name, r in results.items()
+        if eager_ms and r.get("ms_per_step")
+    }
+    out["checks"] = checks
     a.out.write_text(json.dumps(out, indent=1))
-    print(json.dumps({"speedup_vs_eager": speed, "pass": ok, "batch": out["batch"]}))
-    return 0 if ok else 1
+    print(
+        json.dumps(
+            {"speedup_vs_eager": out["speedup_vs_eager"], "pass": checks["pass"], "failed_to_run": failed}
+        )
+    )
+    return 2 if failed else (0 if checks["pass"] else 1)
 
 
 if __name__ == "__main__":

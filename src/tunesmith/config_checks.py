@@ -55,9 +55,15 @@ _APPLIES_ONLY = (
 )
 
 
-# torch.compile's modes; the first two record CUDA graphs (inductor's `triton.cudagraphs`)
+# torch.compile's modes; the first two record CUDA graphs (inductor's `triton.cudagraphs`). A mode not named
+# here is looked up in the installed torch (`_compile_modes`), so a newer torch's modes are not refused.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
+CUDA_GRAPH_WHY = (
+    "records CUDA graphs, and tunesmith compiles each decoder layer on its own: a step runs every layer's "
+    "recorded forward before any backward, which CUDA graph trees do not support (the run crashed with a "
+    "segfault on an H200, torch 2.11)"
+)
 
 
 def resolve_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,23 +126,8 @@ def cross_field_problems(
             "1/sqrt(row length x hidden size): the noise would be about sqrt(rows) times weaker than asked",
             "use flash_attn: auto (sdpa when neftune_noise_alpha is set) or sdpa, or remove neftune_noise_alpha",
         )
-    mode = hf.get("torch_compile_mode")
-    if hf.get("torch_compile") and mode is not None and mode not in COMPILE_MODES:
-        add(
-            "torch_compile_mode",
-            f"torch_compile_mode {mode!r} is not a torch.compile mode",
-            "use one of the allowed modes, or remove torch_compile_mode (default)",
-            allowed=", ".join(m for m in COMPILE_MODES if m not in CUDA_GRAPH_MODES),
-        )
-    elif hf.get("torch_compile") and mode in CUDA_GRAPH_MODES:
-        add(
-            "torch_compile_mode",
-            f"torch_compile_mode: {mode} records CUDA graphs, and tunesmith compiles each decoder layer on its "
-            "own: a step runs every layer's recorded forward before any backward, which CUDA graph trees do "
-            "not support (the run crashed with a segfault on an H200, torch 2.11)",
-            f"use torch_compile_mode: {'max-autotune-no-cudagraphs' if mode == 'max-autotune' else 'default'} "
-            "(the same kernels without CUDA graphs), or remove torch_compile_mode",
-        )
+    if hf.get("torch_compile"):
+        _compile_problems(hf, add)
     if v["stage"] == "ppo" and training and not v["reward_model"] and not v["reward_funcs"]:
         add(
             "reward_model",
@@ -245,6 +236,48 @@ def cross_field_problems(
         )
     _engine_problems(v, hf, add)
     return problems
+
+
+def _compile_modes() -> dict[str, bool]:
+    """The installed torch's compile modes -> whether each records CUDA graphs (only for a mode tunesmith does
+    not name itself: it imports torch)."""
+    try:
+        from torch._inductor import list_mode_options
+    except ImportError:  # pragma: no cover - torch is a dependency; a torch without the helper
+        return {m: m in CUDA_GRAPH_MODES for m in COMPILE_MODES}
+    return {m: bool(options.get("triton.cudagraphs")) for m, options in list_mode_options().items()}
+
+
+def _compile_problems(hf: Mapping[str, Any], add: Callable[..., None]) -> None:
+    """torch_compile's mode and backend: CUDA graphs (a mode's, or the cudagraphs backend) cannot run over
+    per-layer compiled training, and a mode torch does not know fails only at the first step."""
+    mode, backend = hf.get("torch_compile_mode"), hf.get("torch_compile_backend")
+    if backend == "cudagraphs":
+        add(
+            "torch_compile_backend",
+            f"torch_compile_backend: cudagraphs {CUDA_GRAPH_WHY}",
+            "remove torch_compile_backend (inductor, the default)",
+        )
+    if mode in (None, "default", "max-autotune-no-cudagraphs"):
+        return
+    modes = {m: m in CUDA_GRAPH_MODES for m in COMPILE_MODES}
+    if mode not in modes:
+        modes = _compile_modes()
+    usable = [m for m, graphs in modes.items() if not graphs]
+    if mode not in modes:
+        add(
+            "torch_compile_mode",
+            f"torch_compile_mode {mode!r} is not a mode of the installed torch",
+            "use one of the allowed modes, or remove torch_compile_mode (default)",
+            allowed=", ".join(usable),
+        )
+    elif modes[mode]:
+        fix = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        add(
+            "torch_compile_mode",
+            f"torch_compile_mode: {mode} {CUDA_GRAPH_WHY}",
+            f"use torch_compile_mode: {fix} (the same kernels without CUDA graphs), or remove torch_compile_mode",
+        )
 
 
 def _engine_problems(v: Mapping[str, Any], hf: Mapping[str, Any], add: Callable[..., None]) -> None:

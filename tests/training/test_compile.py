@@ -124,13 +124,33 @@ def test_cuda_graph_modes_are_refused_when_the_config_loads(mode, fix):
     the mode that keeps the kernels."""
     with pytest.raises(ConfigError, match=f"(?s)torch_compile_mode.*{mode}.*CUDA graphs.*{fix}"):
         load_config(None, ["torch_compile=true", f"torch_compile_mode={mode}"])
-    with pytest.raises(
-        ConfigError, match="(?s)'fastest' is not a torch.compile mode.*max-autotune-no-cudagraphs"
-    ):
-        load_config(None, ["torch_compile=true", "torch_compile_mode=fastest"])
     for ok in ("default", "max-autotune-no-cudagraphs"):
         load_config(None, ["torch_compile=true", f"torch_compile_mode={ok}"])
     load_config(None, [f"torch_compile_mode={mode}"])  # without torch_compile the mode is not used
+
+
+def test_other_modes_are_looked_up_in_the_installed_torch(monkeypatch):
+    """A newer torch's mode is accepted, one that records CUDA graphs refused, an unknown one refused at load
+    (not at the first step) with the usable ones; the cudagraphs backend is refused like the modes."""
+    from tunesmith import config_checks
+
+    modes = config_checks._compile_modes()  # the real lookup: torch's own table
+    assert modes["reduce-overhead"] and modes["max-autotune"] and not modes["default"]
+    monkeypatch.setattr(
+        config_checks, "_compile_modes", lambda: {"default": False, "new": False, "graphs": True}
+    )
+    load_config(None, ["torch_compile=true", "torch_compile_mode=new"])
+    with pytest.raises(ConfigError, match="(?s)torch_compile_mode: graphs records CUDA graphs"):
+        load_config(None, ["torch_compile=true", "torch_compile_mode=graphs"])
+    with pytest.raises(
+        ConfigError, match="(?s)'fastest' is not a mode of the installed torch.*allowed: default, new"
+    ):
+        load_config(None, ["torch_compile=true", "torch_compile_mode=fastest"])
+    with pytest.raises(
+        ConfigError, match="(?s)torch_compile_backend: cudagraphs records CUDA graphs.*inductor"
+    ):
+        load_config(None, ["torch_compile=true", "torch_compile_backend=cudagraphs"])
+    load_config(None, ["torch_compile=true", "torch_compile_backend=aot_eager"])
 
 
 def test_a_mid_run_recompile_is_reported_with_its_step(tiny_model_dir, sft_data, tmp_path):
