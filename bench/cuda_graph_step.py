@@ -102,13 +102,14 @@ def watched_grads(model: Any) -> dict[str, Any]:
 def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev: Any, dtype: Any) -> dict:
     """One variant: first-step loss and gradients, then timed optimizer steps on the same batch."""
     import torch
+    from transformers import Qwen2Config
 
     from tunesmith.data.collate import LOSS_ROWS
     from tunesmith.model import varlen
     from tunesmith.training.fused_head import probe_fused_head
 
     cuda = dev.type == "cuda"
-    attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(_cfg(config)))
+    attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(Qwen2Config(**config)))
     compiled = name.startswith("compiled")
     model, trained, opt, layers = build(config, dtype, dev, attn, compiled)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -179,12 +180,6 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "_grads": grads,
     }
-
-
-def _cfg(config: dict) -> Any:
-    from transformers import Qwen2Config
-
-    return Qwen2Config(**config)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

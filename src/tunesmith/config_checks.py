@@ -55,10 +55,6 @@ _APPLIES_ONLY = (
 )
 
 
-# torch.compile's modes; the first two record CUDA graphs (inductor's `triton.cudagraphs`). A mode not named
-# here is looked up in the installed torch (`_compile_modes`), so a newer torch's modes are not refused.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-COMPILE_MODES = ("default", *CUDA_GRAPH_MODES, "max-autotune-no-cudagraphs")
 CUDA_GRAPH_WHY = (
     "records CUDA graphs, and tunesmith compiles each decoder layer on its own: a step runs every layer's "
     "recorded forward before any backward, which CUDA graph trees do not support (the run crashed with a "
@@ -238,19 +234,11 @@ def cross_field_problems(
     return problems
 
 
-def _compile_modes() -> dict[str, bool]:
-    """The installed torch's compile modes -> whether each records CUDA graphs (only for a mode tunesmith does
-    not name itself: it imports torch)."""
-    try:
-        from torch._inductor import list_mode_options
-    except ImportError:  # pragma: no cover - torch is a dependency; a torch without the helper
-        return {m: m in CUDA_GRAPH_MODES for m in COMPILE_MODES}
-    return {m: bool(options.get("triton.cudagraphs")) for m, options in list_mode_options().items()}
-
-
 def _compile_problems(hf: Mapping[str, Any], add: Callable[..., None]) -> None:
     """torch_compile's mode and backend: CUDA graphs (a mode's, or the cudagraphs backend) cannot run over
     per-layer compiled training, and a mode torch does not know fails only at the first step."""
+    from tunesmith.model.compile import compile_modes
+
     mode, backend = hf.get("torch_compile_mode"), hf.get("torch_compile_backend")
     if backend == "cudagraphs":
         add(
@@ -258,11 +246,9 @@ def _compile_problems(hf: Mapping[str, Any], add: Callable[..., None]) -> None:
             f"torch_compile_backend: cudagraphs {CUDA_GRAPH_WHY}",
             "remove torch_compile_backend (inductor, the default)",
         )
-    if mode in (None, "default", "max-autotune-no-cudagraphs"):
+    if mode is None:
         return
-    modes = {m: m in CUDA_GRAPH_MODES for m in COMPILE_MODES}
-    if mode not in modes:
-        modes = _compile_modes()
+    modes = compile_modes(mode)
     usable = [m for m, graphs in modes.items() if not graphs]
     if mode not in modes:
         add(

@@ -28,6 +28,25 @@ def compile_backend(hf: dict[str, Any]) -> str | None:
     return (hf.get("torch_compile_backend") or "inductor") if hf.get("torch_compile") else None
 
 
+# torch.compile's modes -> whether the mode records CUDA graphs (inductor's `triton.cudagraphs`)
+KNOWN_MODES = {
+    "default": False,
+    "reduce-overhead": True,
+    "max-autotune": True,
+    "max-autotune-no-cudagraphs": False,
+}
+
+
+def compile_modes(mode: str) -> dict[str, bool]:
+    """Modes -> whether each records CUDA graphs: `KNOWN_MODES` when it names ``mode`` (no torch import, for
+    loading a config), else the installed torch's own table, so a newer torch's modes are known too."""
+    if mode in KNOWN_MODES:
+        return KNOWN_MODES
+    from torch._inductor import list_mode_options
+
+    return {m: bool(options.get("triton.cudagraphs")) for m, options in list_mode_options().items()}
+
+
 # Inductor options that keep a compiled layer from guarding on the token count. Its mix-order reduction
 # (a norm's backward: the row reduction and the weight gradient's column reduction in one kernel) is
 # chosen only for >= 4096 rows, and that check guards the graph on the size: a smaller batch, an epoch's

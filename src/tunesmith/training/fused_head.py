@@ -54,9 +54,8 @@ class FusedHead:
     transform: LogitTransform
     chunk_rows: int
     mixed: torch.dtype | None = None  # the run's mixed precision, for an fp32 head: `compute_dtype`
-    compile_backend: str | None = (
-        None  # each chunk's softmax compiled with it (`fused_ce_chunk`); None: eager
-    )
+    # each chunk's softmax compiled with this backend (`fused_ce_chunk`); None: eager
+    compile_backend: str | None = None
 
     def describe(self) -> str:
         """For the log: "head [151936, 896] float32, matmuls in bfloat16, <transform>, chunks of 220 rows"."""

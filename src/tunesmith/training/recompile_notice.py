@@ -44,10 +44,11 @@ class RecompileNotice(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Evaluation runs without gradients, which compiled code guards on: its graphs are expected once,
         said at info level, and not counted against the next training step."""
+        if self.seen is None:  # before the first step, whose compiles are expected anyway
+            return
         now = compiled_graphs()
-        if self.seen is not None and now > self.seen:
+        if now > self.seen:
             log.info(
                 "torch_compile: evaluation compiled %d graph(s) of its own (no gradients)", now - self.seen
             )
-        if self.seen is not None:
-            self.seen = now
+        self.seen = now
