@@ -225,11 +225,17 @@ def run_side(
         "info": info,
         "steps_logged": len(records),
         "losses": [r["loss"] for r in records],
+        "elapsed_s": [r["elapsed_s"] for r in records],  # per logged step: stalls, captures
         "steady": tb.steady(records, a.warm),
         # seconds from the trainer's start to the end of step 1: model warm-up, and a torch_compile's compile
         "first_step_s": next((r["elapsed_s"] for r in records if r["step"] == 1), None),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0 for r in records), default=None),
     }
+    if side.startswith("ts-"):  # what the trainer decided about CUDA graphs (training.step_graphs)
+        watched = ("cuda graphs", "AccumulateGrad", "capturing")
+        result["cuda_graphs_log"] = [
+            line[-600:] for line in output.splitlines() if any(w in line for w in watched)
+        ][:6]
     if rc != 0:
         result["output_tail"] = output[-6000:]
     return result

@@ -231,7 +231,41 @@ def cross_field_problems(
             "offload_activations",
         )
     _engine_problems(v, hf, add)
+    if v["cuda_graphs"] and training:
+        ruled_out = [why for why in cuda_graph_obstacles(v, hf) if why != "cuda_graphs: false"]
+        if ruled_out:
+            add(
+                "cuda_graphs",
+                f"cuda_graphs: true, but this run's steps cannot be replayed as CUDA graphs: {'; '.join(ruled_out)}",
+                "remove cuda_graphs (graphs wherever the step allows them, logged), or change what rules them out",
+            )
     return problems
+
+
+def cuda_graph_obstacles(v: Mapping[str, Any], hf: Mapping[str, Any]) -> list[str]:
+    """What in a config rules out replaying its training steps as CUDA graphs (`training.step_graphs`);
+    the trainer checks the rest (a GPU, one process, the fused head, checkpointing as decided) at its start."""
+    optim = str(hf.get("optim", ""))
+    found = {
+        "cuda_graphs: false": v["cuda_graphs"] is False,
+        f"stage {v['stage']} (graphs replay pt and sft steps)": v["stage"] not in ("pt", "sft"),
+        f"flash_attn: {v['flash_attn']} (graphs need varlen's document boundaries)": v["flash_attn"]
+        not in ("auto", "varlen"),
+        "neftune_noise_alpha (it needs padded rows, not varlen)": bool(hf.get("neftune_noise_alpha")),
+        "quantization_bit": v["quantization_bit"] is not None,
+        "fp16 (its loss scaler reads the gradients on the host)": bool(hf.get("fp16")),
+        "gradient checkpointing (disable_gradient_checkpointing: false or offload_activations)": v[
+            "disable_gradient_checkpointing"
+        ]
+        is False
+        or v["offload_activations"],
+        "tiled_mlp_tokens (its backward reads the CUDA random state)": v["tiled_mlp_tokens"] is not None,
+        "use_liger_kernel (its loss is not the fused head)": bool(hf.get("use_liger_kernel")),
+        "DeepSpeed or FSDP": bool(hf.get("deepspeed") or hf.get("fsdp")),
+        f"optim {optim} (it steps inside backward)": "lomo" in optim or "layerwise" in optim,
+        "torch_empty_cache_steps": hf.get("torch_empty_cache_steps") is not None,
+    }
+    return [what for what, on in found.items() if on]
 
 
 def _compile_problems(hf: Mapping[str, Any], add: Callable[..., None]) -> None:

@@ -31,8 +31,24 @@ IGNORE_INDEX = -100
 # Flat indices of the positions whose next-token label is trained, computed on the CPU for the fused loss
 # (training.fused_ce), which otherwise finds them on the device (a sync per micro-batch).
 LOSS_ROWS = "loss_rows"
+# With static shapes: a weight per loss row (float32, 1 for the batch's own rows, 0 for the padding rows)
+LOSS_ROW_WEIGHTS = "loss_row_weights"
 # transformers' FlashAttentionKwargs names: they flow from model(**batch) to every attention call.
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Static shapes: sizes on a grid of this many steps per doubling, from these floors (tokens, loss rows,
+# documents), so batches of a run fall in few shapes (each one CUDA graph, `training.step_graphs`) and
+# padding stays under 1/8 of the tokens.
+STATIC_STEPS_PER_OCTAVE = 8
+STATIC_FLOORS = {"tokens": 256, "rows": 64, "documents": 16}  # 16: a batch of up to 15 rows has one count
+
+
+def grid_size(n: int, floor: int, steps_per_octave: int = STATIC_STEPS_PER_OCTAVE) -> int:
+    """``n`` rounded up to a grid of ``steps_per_octave`` sizes per doubling, at least ``floor`` (a power of
+    two): 1399 -> 1408 (steps of 128 between 1024 and 2048), 2048 -> 2048, 2049 -> 2304."""
+    if n <= floor:
+        return floor
+    step = max(1, (1 << ((n - 1).bit_length() - 1)) // steps_per_octave)
+    return -(-n // step) * step
 
 
 def _pad(
@@ -79,6 +95,18 @@ def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     return target_rows(shifted_labels(labels))
 
 
+def static_loss_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`LOSS_ROWS` padded to `grid_size` rows with copies of the first (a position with a real target, so
+    the loss takes them as they are) and `LOSS_ROW_WEIGHTS` that zero the copies. No rows: none added."""
+    n = rows.numel()
+    if n == 0:
+        return {}
+    size = grid_size(n, STATIC_FLOORS["rows"])
+    weights = torch.zeros(size, dtype=torch.float32)
+    weights[:n] = 1.0
+    return {LOSS_ROWS: torch.cat([rows, rows[:1].expand(size - n)]), LOSS_ROW_WEIGHTS: weights}
+
+
 def boundary_kwargs(cu: list[int], longest: int) -> dict[str, Any]:
     """The batch keys that carry the boundaries: int32 cumulative lengths and ``longest``, an upper bound of
     the longest document (flash accepts any; a rounded one gives compiled layers fewer values to see)."""
@@ -94,6 +122,8 @@ class CausalLMCollator:
     pad_to_multiple_of: int = 1
     # flash_attn: varlen: one padding-free row with its document boundaries (BOUNDARY_KEYS), model/varlen.py
     boundaries: bool = False
+    # with boundaries: every size on a grid (`grid_size`), so a CUDA graph per shape can replay the step
+    static_shapes: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if self.boundaries:
@@ -133,12 +163,19 @@ class CausalLMCollator:
         Attention stays within each document (flash_attn: varlen). Every row's first label is masked,
         because the token before it now belongs to another row; in the padded batch that label was never a
         target (packing masks every document's first label the same way, `packing.packed_rows`). So the
-        losses are those of the padded batch, and no compute goes to padding."""
+        losses are those of the padded batch, and no compute goes to padding.
+
+        With ``static_shapes`` the row is padded to `grid_size` tokens (one more document, labels -100), the
+        boundaries get empty documents up to `grid_size` documents with the length as the longest, and the
+        loss rows are padded with zero-weight copies (`static_loss_rows`): the same losses in one of few
+        shapes, so a CUDA graph captured for a shape replays its later batches (`training.step_graphs`)."""
         packed = "position_ids" in features[0]
         lens = [len(f["input_ids"]) for f in features]
         total = sum(lens)
         m = self.pad_to_multiple_of
         length = -(-total // m) * m
+        if self.static_shapes:
+            length = -(-grid_size(total, STATIC_FLOORS["tokens"]) // m) * m
         pad = length - total
         ids: list[int] = []
         labels: list[int] = []
@@ -159,15 +196,21 @@ class CausalLMCollator:
         pos.extend(range(pad))
         cu = [*starts, total] + ([length] if pad else [])
         longest = max(b - a for a, b in itertools.pairwise(cu))
+        # the longest document, rounded up: fewer distinct values for compiled layers to see
+        longest = min(length, -(-longest // 256) * 256)
+        if self.static_shapes:  # empty documents at the end; flash's grid covers the length, not the longest
+            docs = grid_size(len(cu) - 1, STATIC_FLOORS["documents"])
+            cu, longest = cu + [length] * (docs + 1 - len(cu)), length
         batch: dict[str, Any] = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([pos], dtype=torch.long),
             "use_cache": False,
-            # the longest document, rounded up: fewer distinct values for compiled layers to see
-            **boundary_kwargs(cu, min(length, -(-longest // 256) * 256)),
+            **boundary_kwargs(cu, longest),
         }
         batch[LOSS_ROWS] = loss_rows(batch["labels"])
+        if self.static_shapes:
+            batch.update(static_loss_rows(batch[LOSS_ROWS]))
         if any(f.get("weights") is not None for f in features):
             w: list[float] = []
             for f, n in zip(features, lens):

@@ -7,6 +7,8 @@ trainer_log.jsonl, loss plots).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -323,13 +325,42 @@ def _total_tokens(data: DataBundle, args: Any) -> int | None:
 
 def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     """Run one pt or sft training from a validated config."""
+    with _step_stream(cfg):
+        out, metrics, is_main = _train(cfg, kind)  # the model is freed here: prediction loads the saved one
+    if cfg.training.do_predict and is_main:
+        from tunesmith.infer.predict import predict_after_training
+
+        predict_after_training(cfg, out)
+    return TrainResult(out, metrics)
+
+
+def _step_stream(cfg: Config) -> contextlib.AbstractContextManager[Any]:
+    """Where the training's steps may become CUDA graphs (one GPU, nothing in the config against them),
+    everything from loading the model on runs on a side stream (`step_graphs.training_stream`): with the
+    model's first backward on the default stream, the capture failed on an H200 ("operation would make the
+    legacy stream depend on a capturing blocking stream")."""
+    import torch
+
+    from tunesmith.config_checks import cuda_graph_obstacles
+    from tunesmith.training.step_graphs import training_stream
+
+    maybe = (
+        torch.cuda.is_available()
+        and read_launch_env(os.environ).world_size == 1
+        and not cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
+    )
+    return training_stream() if maybe else contextlib.nullcontext()
+
+
+def _train(cfg: Config, kind: str) -> tuple[Path, dict[str, Any], bool]:
+    """(output folder, metrics, whether this is the main process) of one pt or sft training."""
     from transformers import EarlyStoppingCallback
 
     from tunesmith.data.collate import CausalLMCollator
     from tunesmith.model.varlen import ATTN_NAME as VARLEN_ATTN
     from tunesmith.train_callbacks import training_callbacks
     from tunesmith.training.run_steps import finish_run, start_run
-    from tunesmith.training.trainer import TunesmithTrainer
+    from tunesmith.training.trainer import TunesmithTrainer, graph_obstacles, graphs_required_error
 
     run = start_run(cfg, kind)
     args, tuned, out = run.args, run.tuned, run.out
@@ -356,7 +387,14 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         stochastic_rounding=cfg.finetuning.pure_bf16 and cfg.finetuning.stochastic_rounding,
         loss_compile_backend=compile_backend(cfg.training.hf),
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
+        cuda_graphs=cfg.training.cuda_graphs,
     )
+    obstacles = graph_obstacles(trainer, tuned.model)
+    if not obstacles:
+        # batches on a grid of shapes, so a run's steps fall into few CUDA graphs (training.step_graphs)
+        trainer.train_collator = dataclasses.replace(collator, static_shapes=True)
+    elif cfg.training.cuda_graphs:
+        raise graphs_required_error(obstacles)
     if cfg.finetuning.early_stopping_steps:
         trainer.add_callback(
             EarlyStoppingCallback(early_stopping_patience=cfg.finetuning.early_stopping_steps)
@@ -377,9 +415,4 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
         ),
         after_save=convert_pissa if pissa else None,
     )
-    if cfg.training.do_predict and run.is_main:
-        from tunesmith.infer.predict import predict_after_training
-
-        del trainer, tuned, run  # free the training model: prediction loads the one just saved
-        predict_after_training(cfg, out)
-    return TrainResult(out, metrics)
+    return out, metrics, run.is_main

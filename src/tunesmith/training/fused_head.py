@@ -17,7 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.collate import BOUNDARY_KEYS, IGNORE_INDEX, LOSS_ROWS, shifted_labels, target_rows
+from tunesmith.data.collate import (
+    BOUNDARY_KEYS,
+    IGNORE_INDEX,
+    LOSS_ROW_WEIGHTS,
+    LOSS_ROWS,
+    shifted_labels,
+    target_rows,
+)
 from tunesmith.training.fused_ce import (
     LogitTransform,
     compute_dtype,
@@ -74,16 +81,22 @@ class FusedHead:
         labels: torch.Tensor,
         token_weights: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, int, Any]:
+        row_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int | torch.Tensor, Any]:
         """(sum of next-token losses, supervised tokens, model outputs with empty logits) of one batch.
 
         ``model`` may be the wrapped one (DDP, PEFT): its forward runs as is, the head sees no tokens.
         ``rows``: the batch's `loss_rows` from the collator (no device sync); found on the device if None.
+        ``row_weights``: the collator's `loss_row_weights` (static shapes: 0 for its padding rows), one per
+        row; then the token count is their sum, a tensor.
         """
         rows, hidden, targets, outputs = self._supervised(model, inputs, labels, rows)
         weights = None
         if token_weights is not None:  # a weight goes with its label, so it shifts with it
             weights = F.pad(token_weights[:, 1:], (0, 1)).reshape(-1).index_select(0, rows)
+        if row_weights is not None:
+            row_weights = row_weights.to(hidden.device, non_blocking=True)
+            weights = row_weights if weights is None else weights * row_weights
         total = linear_cross_entropy(
             hidden,
             self.head.weight,
@@ -95,7 +108,7 @@ class FusedHead:
             mixed=self.mixed,
             compile_backend=self.compile_backend,
         )
-        return total, rows.numel(), outputs
+        return total, rows.numel() if row_weights is None else row_weights.sum(), outputs
 
     def sequence_logps(
         self, model: Any, inputs: Mapping[str, Any], labels: torch.Tensor
@@ -132,7 +145,7 @@ class FusedHead:
         else:
             rows = rows.to(shifted.device, non_blocking=True)
         with head_input(self.head) as seen:
-            outputs = model(**{k: v for k, v in inputs.items() if k != LOSS_ROWS})
+            outputs = model(**{k: v for k, v in inputs.items() if k not in (LOSS_ROWS, LOSS_ROW_WEIGHTS)})
         if len(seen) != 1:
             raise RuntimeError(f"the output head ran {len(seen)} times in one forward; the probe saw once")
         hidden = seen[0].reshape(-1, seen[0].shape[-1]).index_select(0, rows)
@@ -173,7 +186,7 @@ def probe_fused_head(
     probe = {
         k: v[:1, :n] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v
         for k, v in inputs.items()
-        if k not in BOUNDARY_KEYS and k != LOSS_ROWS
+        if k not in BOUNDARY_KEYS and k not in (LOSS_ROWS, LOSS_ROW_WEIGHTS)
     }
     transform = LogitTransform.from_config(model.config)
     was_training = model.training

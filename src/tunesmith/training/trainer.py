@@ -1,5 +1,6 @@
 """The one HF Trainer subclass: token counting + loss watchdog per step, fused or weighted loss, LoRA+ groups,
-pure_bf16's stochastic-rounding AdamW.
+pure_bf16's stochastic-rounding AdamW, and micro-batches replayed as CUDA graphs where the step allows
+(`step_graphs`; `graph_obstacles` says why not).
 
 Loss normalisation: transformers' Trainer counts the supervised tokens of the whole gradient-accumulation
 window (`num_items_in_batch`) and the summed token losses are divided by it, so the loss is a mean over
@@ -14,12 +15,14 @@ supervised rows (a data-dependent shape) from the collator (`loss_rows`, found o
 copied to the GPU without blocking (`causal_lm.data_loading`), so tunesmith adds no host sync to a step outside
 logging. Transformers' mask creation still reads one value back per forward: with position ids and no padding
 mask (packed rows, varlen's one row) `find_packed_sequence_indices` tests its result with `.all()`, and the
-padded path's causal-skip check does the same.
+padded path's causal-skip check does the same. A replayed step runs none of that Python, so it reads nothing
+back.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,12 +30,15 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROWS
+from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROW_WEIGHTS, LOSS_ROWS, CausalLMCollator
+from tunesmith.errors import TunesmithError
+from tunesmith.model.tiled_mlp import TiledMLP
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
 from tunesmith.training.fused_head import FusedHead, probe_fused_head
 from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
+from tunesmith.training.step_graphs import CudaCapturer, StepGraphs
 
 logger = logging.getLogger("tunesmith.train")
 
@@ -49,6 +55,7 @@ class TunesmithTrainer(Trainer):
         fused_loss: bool = True,
         stochastic_rounding: bool = False,
         loss_compile_backend: str | None = None,
+        cuda_graphs: bool | None = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, callbacks=callbacks_bundle.as_list(), **kwargs)
@@ -62,6 +69,12 @@ class TunesmithTrainer(Trainer):
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
         self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
         self._uncast_layers: list[Any] | None = None  # LoRA layers fed in the compute dtype (lora_casting)
+        self.cuda_graphs = (
+            cuda_graphs  # None: where the step allows (step_graphs); the sft/pt stage passes it
+        )
+        self._graphs: StepGraphs | str | None = None  # decided at the second micro-batch: graphs, or why not
+        # the training batches' collator when it differs from data_collator's (static shapes for CUDA graphs)
+        self.train_collator: Any = None
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -69,11 +82,53 @@ class TunesmithTrainer(Trainer):
         tokens = count_trained_tokens(inputs["labels"])
         if self._uncast_layers is None:
             self._uncast_layers = self._layers_to_uncast(model)
+        graphs = self._step_graphs(model)
         with inputs_uncast(self._uncast_layers):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if graphs is not None and LOSS_ROW_WEIGHTS in inputs:
+                if not model.training:  # HF's step sets them, and a replay runs none of HF's Python
+                    model.train()
+                if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
+                    self.optimizer.train()
+                # without a token count HF divides the loss by the window's micro-batches (captured)
+                extra = (self.current_gradient_accumulation_steps,) if num_items_in_batch is None else ()
+                loss = graphs.step(partial(super().training_step, model), inputs, num_items_in_batch, extra)
+            else:
+                loss = super().training_step(model, inputs, num_items_in_batch)
         self.bundle.add_tokens(tokens)
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
+
+    def get_train_dataloader(self) -> Any:
+        """HF's, built with `train_collator` when one is set: evaluation and prediction batches keep
+        `data_collator`'s own shapes (they are never replayed, so grid padding would only cost)."""
+        if self.train_collator is None:
+            return super().get_train_dataloader()
+        plain, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = plain
+
+    def _step_graphs(self, model: Any) -> StepGraphs | None:
+        """The run's CUDA graphs, decided once the first micro-batch ran eagerly (it settles the loss head)."""
+        if self._graphs is None and self._fused is not None:
+            obstacles = graph_obstacles(self, model)
+            if not obstacles:
+                trained = [p for p in model.parameters() if p.requires_grad]
+                # compiled layers may compile for a new shape: that must happen before the capture
+                self._graphs = StepGraphs(
+                    trained,
+                    CudaCapturer(),
+                    warm_up_every_shape=bool(self.loss_compile_backend),
+                    required=self.cuda_graphs is True,
+                )
+            elif self.cuda_graphs:
+                raise graphs_required_error(obstacles)
+            else:
+                self._graphs = "; ".join(obstacles)
+                if self.cuda_graphs is None and torch.cuda.is_available():
+                    logger.info("cuda graphs: off (%s)", self._graphs)
+        return self._graphs if isinstance(self._graphs, StepGraphs) else None
 
     def _layers_to_uncast(self, model: Any) -> list[Any]:
         """lora_casting.layers_to_uncast for this run (a DDP wrapper's modules() reaches the model's)."""
@@ -121,7 +176,8 @@ class TunesmithTrainer(Trainer):
 
         With the fused loss the returned outputs carry empty logits ([batch, 0, vocab]).
         """
-        rows = inputs.pop(LOSS_ROWS, None)  # never a model input
+        rows = inputs.pop(LOSS_ROWS, None)  # never model inputs
+        row_weights = inputs.pop(LOSS_ROW_WEIGHTS, None)
         needs_logits = return_outputs and (
             self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None
         )
@@ -134,7 +190,7 @@ class TunesmithTrainer(Trainer):
             outputs = model(**inputs)
             loss = weighted_causal_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
         else:
-            total, count, outputs = fused.loss_sum(model, inputs, labels, weights, rows)
+            total, count, outputs = fused.loss_sum(model, inputs, labels, weights, rows, row_weights)
             denom = num_items_in_batch if num_items_in_batch is not None else count
             loss = total / (denom.to(total.device) if isinstance(denom, torch.Tensor) else denom)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -218,6 +274,63 @@ class TunesmithTrainer(Trainer):
         return True
 
 
+def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
+    """Why this run's micro-batch step cannot be replayed as a CUDA graph (empty: it can)."""
+    a = trainer.args
+    collator = trainer.data_collator
+    optim = str(getattr(a.optim, "value", a.optim))
+    found = {
+        "cuda_graphs: false": trainer.cuda_graphs is False,
+        "batches without document boundaries (flash_attn: varlen makes them)": not (
+            isinstance(collator, CausalLMCollator) and collator.boundaries
+        ),
+        "no CUDA GPU": not torch.cuda.is_available() or a.device.type != "cuda",
+        "several processes or GPUs (gradients are all-reduced outside a captured step)": a.world_size > 1
+        or a.n_gpu > 1,
+        "DeepSpeed or FSDP": trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled,
+        "fp16 (its loss scaler reads the gradients on the host)": a.fp16,
+        # before the first batch the head is undecided: only turning it off counts
+        "the plain loss path (only the fused loss head is captured)": not trainer.fused_loss
+        or (trainer._fused is not None and not isinstance(trainer._fused, FusedHead)),
+        "gradient checkpointing": _checkpointing(model),
+        "a quantized model": getattr(getattr(model, "config", None), "quantization_config", None) is not None,
+        "torch_empty_cache_steps": a.torch_empty_cache_steps is not None,
+        "an optimizer stepping inside backward (LOMO, layerwise)": "lomo" in optim or "layerwise" in optim,
+        "a mixture-of-experts model (its routing has data-dependent shapes)": _experts(model),
+        "tiled_mlp_tokens (its backward reads the CUDA random state)": any(
+            isinstance(m, TiledMLP) for m in model.modules()
+        ),
+        # the sft/pt stage runs on one from loading the model on (causal_lm._step_stream)
+        "the training does not run on a side CUDA stream": torch.cuda.is_available()
+        and torch.cuda.current_stream() == torch.cuda.default_stream(),
+    }
+    return [what for what, on in found.items() if on]
+
+
+def _experts(model: Any) -> bool:
+    """Whether the model routes tokens to experts (its config names more than one)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return any(
+        (getattr(text, k, None) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts")
+    )
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether activation checkpointing is on (transformers renamed the property; the old name warns)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
+def graphs_required_error(obstacles: list[str]) -> TunesmithError:
+    return TunesmithError(
+        f"cuda_graphs: true, but this run's step cannot be captured: {'; '.join(obstacles)}. "
+        "Fix: leave cuda_graphs unset (graphs where the step allows) or set it to false"
+    )
+
+
 def weighted_causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_items_in_batch: Any = None
 ) -> torch.Tensor:
@@ -235,4 +348,4 @@ def weighted_causal_lm_loss(
     return total / denom
 
 
-__all__ = ["TunesmithTrainer", "weighted_causal_lm_loss"]
+__all__ = ["TunesmithTrainer", "graph_obstacles", "weighted_causal_lm_loss"]

@@ -1,0 +1,403 @@
+"""Whole-step CUDA graphs (training.step_graphs): static batch shapes, and replays that train exactly as eager
+steps. CUDA graphs need a GPU; here an eager stand-in records the step at capture and reruns it at each
+replay, so everything around the graph (the input buffers, gradient accumulation across micro-batches and
+windows, the warm-up, falling back) is checked on the CPU. The capture itself runs on the GPU in
+bench/train_throughput.py (the default pair) and bench/cuda_graph_step.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+
+import tunesmith.training.trainer as trainer_module
+from tests.training.helpers import LogMessages, load_safetensors, logged_losses, train
+from tunesmith.data.collate import (
+    IGNORE_INDEX,
+    LOSS_ROW_WEIGHTS,
+    LOSS_ROWS,
+    STATIC_FLOORS,
+    CausalLMCollator,
+    grid_size,
+)
+from tunesmith.training.step_graphs import StepGraphs, shape_key
+
+
+class EagerCapturer:
+    """A capture records the step without running it (as CUDA's does); a replay runs it again."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.captures = 0
+        self.warm_ups = 0
+        self.replays = 0
+
+    def warm_up(self, fn):
+        self.warm_ups += 1
+        fn()
+
+    def capture(self, fn):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+
+        def replay():
+            self.replays += 1
+            fn()
+
+        return replay
+
+
+def test_grid_sizes_bound_the_padding_and_the_number_of_shapes():
+    seen = set()
+    for n in range(1, 20000):
+        size = grid_size(n, 256)
+        assert size >= n and (n <= 256 or size - n < n / 8)
+        seen.add(size)
+    # 256 and 8 sizes in each of the 6 doublings up to 16384, then 2 of the next
+    assert len(seen) == 1 + 8 * 6 + 2
+    assert [grid_size(n, 256) for n in (1399, 2048, 2049)] == [1408, 2048, 2304]
+
+
+def _rows(lengths, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids = [rng.randrange(3, 50) for _ in range(n)]
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
+    return out
+
+
+def test_static_batches_are_the_plain_ones_padded_on_the_grid():
+    rows = _rows([17, 30, 5, 90, 41])
+    plain = CausalLMCollator(0, 8, boundaries=True)(rows)
+    static = CausalLMCollator(0, 8, boundaries=True, static_shapes=True)(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    width = static["input_ids"].shape[1]
+    assert width == grid_size(total, STATIC_FLOORS["tokens"]) and width % 8 == 0
+    n = plain["input_ids"].shape[1]
+    for key in ("input_ids", "labels", "position_ids"):  # the plain batch, then padding
+        assert static[key][:, :n].tolist() == plain[key].tolist()
+    assert (static["labels"][:, n:] == IGNORE_INDEX).all()  # no padding token is trained or counted
+    cu = static["cu_seq_lens_q"].tolist()
+    docs = len(plain["cu_seq_lens_q"]) - 1  # the rows and the collator's own padding document
+    assert len(cu) - 1 == grid_size(docs, STATIC_FLOORS["documents"])
+    assert cu[:docs] == plain["cu_seq_lens_q"].tolist()[:-1]  # the same documents start at the same tokens
+    assert all(b == width for b in cu[docs:])  # the padding document grows to the width, then empty ones
+    assert static["max_length_q"] == width
+    real = plain[LOSS_ROWS]
+    rows_out, weights = static[LOSS_ROWS], static[LOSS_ROW_WEIGHTS]
+    assert len(rows_out) == grid_size(len(real), STATIC_FLOORS["rows"]) == len(weights)
+    assert rows_out[: len(real)].tolist() == real.tolist()
+    assert (rows_out[len(real) :] == real[0]).all()  # copies of a real row: a valid target, weight 0
+    assert weights.tolist() == [1.0] * len(real) + [0.0] * (len(weights) - len(real))
+
+
+def test_a_batch_without_targets_gets_no_padding_rows():
+    rows = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3}]
+    batch = CausalLMCollator(0, 1, boundaries=True, static_shapes=True)(rows)
+    assert batch[LOSS_ROWS].numel() == 0 and LOSS_ROW_WEIGHTS not in batch  # such a batch runs eagerly
+
+
+def _linear_step(model, sync: bool = False):
+    def step(inputs, num_items):
+        loss = ((model(inputs["x"]) - inputs["y"]) ** 2).sum() / num_items
+        if sync:
+            float(loss)  # a host read: cannot be captured
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def _batch(seed, rows=4, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(rows, 3, generator=g).to(device),
+        "y": torch.randn(rows, 2, generator=g).to(device),
+    }
+
+
+def _accumulation_matches_eager(capturer, device="cpu"):
+    torch.manual_seed(0)
+    eager, graphed = torch.nn.Linear(3, 2).to(device), torch.nn.Linear(3, 2).to(device)
+    graphed.load_state_dict(eager.state_dict())
+    graphs = StepGraphs(list(graphed.parameters()), capturer)
+    step = _linear_step(graphed)
+    for window in range(3):  # windows of 2 micro-batches; shapes 4, 6, 4, 6, 4, 6 rows
+        for micro in range(2):
+            batch, n = _batch(10 * window + micro, 4 + 2 * micro, device), torch.tensor(7.0, device=device)
+            expected = _linear_step(eager)(batch, n)
+            got = graphs.step(step, batch, n)
+            torch.testing.assert_close(got, expected)
+        for a, b in zip(eager.parameters(), graphed.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5)
+        eager.zero_grad(set_to_none=True)
+        graphed.zero_grad(set_to_none=True)  # as HF's optimizer step does: the next replay starts at zero
+    assert graphs.off is None and len(graphs.graphs) == 2 and graphs.replays == 6
+    return graphs
+
+
+def test_replays_accumulate_like_eager_steps_across_windows():
+    capturer = EagerCapturer()
+    _accumulation_matches_eager(capturer)
+    assert capturer.captures == 2 and capturer.warm_ups == 1  # two shapes; the stream warmed up once
+    assert capturer.replays == 6
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@gpu
+def test_cuda_replays_accumulate_like_eager_steps_across_windows():
+    from tunesmith.training.step_graphs import CudaCapturer, training_stream
+
+    with training_stream():
+        _accumulation_matches_eager(CudaCapturer(), "cuda")
+    with pytest.raises(RuntimeError, match="captured on a side stream"):  # never on the default stream
+        CudaCapturer().capture(lambda: None)
+
+
+@gpu
+def test_a_host_read_under_capture_turns_cuda_graphs_off_and_the_step_runs_eagerly():
+    from tunesmith.training.step_graphs import CudaCapturer, training_stream
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).cuda()
+    reference = torch.nn.Linear(3, 2).cuda()
+    reference.load_state_dict(model.state_dict())
+    with training_stream():
+        stream = torch.cuda.current_stream()
+        graphs = StepGraphs(list(model.parameters()), CudaCapturer())
+        for seed in (1, 2):
+            batch = _batch(seed, device="cuda")
+            loss = graphs.step(_linear_step(model, sync=True), batch, 2.0)
+            torch.testing.assert_close(loss, _linear_step(reference)(batch, 2.0))
+        assert graphs.off is not None and "capturing" in graphs.off and not graphs.graphs
+        torch.testing.assert_close(model.weight.grad, reference.weight.grad)
+        assert torch.cuda.current_stream() == stream  # still the training's stream
+        torch.cuda.synchronize()  # and CUDA works on
+
+
+def test_a_replay_reads_the_new_batch_and_the_warm_up_leaves_no_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    graphs = StepGraphs(list(model.parameters()), EagerCapturer(), warm_up_every_shape=True)
+    step = _linear_step(model)
+    first, second = _batch(1), _batch(2)
+    graphs.step(step, first, 1.0)
+    model.zero_grad(set_to_none=True)
+    loss = graphs.step(step, second, 1.0)  # same shape: replayed with the second batch's values
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    assert torch.allclose(loss, _linear_step(reference)(second, 1.0))
+    assert torch.allclose(model.weight.grad, reference.weight.grad)  # once, not plus the warm-up's
+
+
+def test_eager_micro_batches_mix_with_replays_in_one_window():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    graphs = StepGraphs(list(model.parameters()), EagerCapturer(), max_graphs=1)
+    step = _linear_step(model)
+    batches = [_batch(1), _batch(2, rows=5), _batch(3)]  # the 5-row shape is past max_graphs: eager
+    for b in batches:
+        graphs.step(step, b, 3.0)
+        _linear_step(reference)(b, 3.0)
+    assert len(graphs.graphs) == 1 and graphs.replays == 2
+    assert torch.allclose(model.weight.grad, reference.weight.grad, atol=1e-6)
+
+
+def test_shape_keys_tell_shapes_values_and_the_count_kind_apart():
+    a = {"x": torch.zeros(2, 3), "max_length_q": 256}
+    assert shape_key(a, 1) == shape_key({"x": torch.ones(2, 3), "max_length_q": 256}, 5)
+    assert shape_key(a, 1) != shape_key({"x": torch.zeros(2, 4), "max_length_q": 256}, 1)
+    assert shape_key(a, 1) != shape_key({"x": torch.zeros(2, 3), "max_length_q": 512}, 1)
+    assert shape_key(a, 1) != shape_key(a, None)
+    assert shape_key(a, 1, (2,)) != shape_key(a, 1, (1,))
+
+
+def _graphed_training(monkeypatch, capturer, **overrides):
+    monkeypatch.setattr(trainer_module, "graph_obstacles", lambda trainer, model: [])
+    monkeypatch.setattr(trainer_module, "CudaCapturer", lambda: capturer)
+    return overrides
+
+
+@pytest.mark.parametrize(
+    ("method", "accumulation"), [("lora", 2), ("full", 1)], ids=["lora-accumulation-2", "full"]
+)
+def test_graphed_training_trains_exactly_as_eager(method, accumulation, tiny_model_dir, sft_data, tmp_path, monkeypatch):  # fmt: skip
+    """The same losses and weights as the eager run; the batches were static and the steps replayed."""
+    common = dict(
+        finetuning_type=method,
+        flash_attn="varlen",
+        max_steps=4,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=accumulation,
+    )
+    torch.manual_seed(0)
+    train(tiny_model_dir, sft_data, tmp_path / "eager", cuda_graphs=False, **common)
+    capturer = EagerCapturer()
+    with monkeypatch.context() as m:
+        _graphed_training(m, capturer)
+        torch.manual_seed(0)
+        train(tiny_model_dir, sft_data, tmp_path / "graphs", **common)
+    micro_batches = 4 * accumulation
+    assert capturer.captures >= 1 and capturer.replays == micro_batches - 1  # all but the first
+    eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
+    assert [s for s, _ in eager] == [s for s, _ in graphs] == [1, 2, 3, 4]
+    assert [x for _, x in graphs] == pytest.approx([x for _, x in eager], rel=1e-4)
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_safetensors(tmp_path / "eager" / name), load_safetensors(tmp_path / "graphs" / name)
+    for key, w in a.items():
+        torch.testing.assert_close(b[key], w, rtol=1e-4, atol=1e-5, msg=key)
+    tokens = [
+        json.loads(x) for x in (tmp_path / "graphs" / "trainer_log.jsonl").read_text().splitlines() if x
+    ]
+    eager_tokens = [
+        json.loads(x) for x in (tmp_path / "eager" / "trainer_log.jsonl").read_text().splitlines() if x
+    ]
+    seen = [r["tokens_seen"] for r in tokens if "tokens_seen" in r]
+    assert seen and seen == [
+        r["tokens_seen"] for r in eager_tokens if "tokens_seen" in r
+    ]  # padding not counted
+
+
+def test_a_failed_capture_turns_graphs_off_and_training_goes_on(
+    tiny_model_dir, sft_data, tmp_path, monkeypatch
+):
+    common = dict(flash_attn="varlen", max_steps=3, per_device_train_batch_size=3)
+    torch.manual_seed(0)
+    train(tiny_model_dir, sft_data, tmp_path / "eager", cuda_graphs=False, **common)
+    capturer = EagerCapturer(fail=True)
+    log = LogMessages()
+    logging.getLogger("tunesmith").addHandler(log)
+    try:
+        with monkeypatch.context() as m:
+            _graphed_training(m, capturer)
+            torch.manual_seed(0)
+            train(tiny_model_dir, sft_data, tmp_path / "graphs", **common)
+    finally:
+        logging.getLogger("tunesmith").removeHandler(log)
+    off = [x for x in log.messages if x.startswith("cuda graphs: off for the rest of the run")]
+    assert len(off) == 1 and "operation not permitted when stream is capturing" in off[0]
+    assert capturer.replays == 0
+    eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
+    assert [x for _, x in graphs] == pytest.approx([x for _, x in eager], rel=1e-4)
+
+
+def test_cuda_graphs_true_is_refused_when_the_config_rules_graphs_out(tiny_model_dir, sft_data, tmp_path):
+    from tests.training.helpers import run_config
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+
+    cfg = run_config(
+        tiny_model_dir, sft_data, tmp_path / "on", flash_attn="sdpa", fp16=True, cuda_graphs=True
+    )
+    with pytest.raises(TunesmithError, match="cuda_graphs") as e:
+        load_config(None, cfg)
+    assert "flash_attn: sdpa" in str(e.value) and "fp16" in str(e.value)
+    assert not (tmp_path / "on").exists()  # refused before anything ran
+
+
+def test_cuda_graphs_true_without_a_gpu_fails_before_the_first_step(tiny_model_dir, sft_data, tmp_path):
+    from tunesmith.errors import TunesmithError
+
+    with pytest.raises(TunesmithError, match=r"cuda_graphs: true, but .*no CUDA GPU.*Fix: "):
+        train(tiny_model_dir, sft_data, tmp_path / "on", flash_attn="varlen", max_steps=2, cuda_graphs=True)
+    assert not (tmp_path / "on" / "trainer_log.jsonl").exists()
+
+
+def test_config_obstacles_name_each_feature_that_rules_graphs_out():
+    from tunesmith.config import load_config
+    from tunesmith.config_checks import cuda_graph_obstacles
+
+    def obstacles(**keys):
+        cfg = load_config(None, {"model_name_or_path": "m", "stage": "sft", **keys})
+        return cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
+
+    assert obstacles() == []  # the defaults allow graphs
+    assert obstacles(stage="dpo") == ["stage dpo (graphs replay pt and sft steps)"]
+    for keys, word in [
+        ({"cuda_graphs": False}, "cuda_graphs: false"),
+        ({"flash_attn": "sdpa"}, "flash_attn: sdpa"),
+        ({"quantization_bit": 4}, "quantization_bit"),
+        ({"disable_gradient_checkpointing": False}, "gradient checkpointing"),
+        ({"tiled_mlp_tokens": 1024}, "tiled_mlp_tokens"),
+        ({"optim": "adalomo"}, "optim adalomo"),
+        ({"optim": "galore_adamw_layerwise"}, "optim galore_adamw_layerwise"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
+    ]:
+        found = obstacles(**keys)
+        assert len(found) == 1 and found[0].startswith(word), (keys, found)
+
+
+def test_mixture_of_experts_models_are_not_captured():
+    from types import SimpleNamespace
+
+    from tunesmith.training.trainer import _experts
+
+    class Config(SimpleNamespace):
+        def get_text_config(self):
+            return self
+
+    assert _experts(SimpleNamespace(config=Config(num_local_experts=8)))
+    assert _experts(SimpleNamespace(config=Config(num_experts=64)))
+    assert not _experts(SimpleNamespace(config=Config(num_experts=None, hidden_size=64)))
+
+
+def test_a_required_capture_that_fails_stops_the_run():
+    from tunesmith.errors import TunesmithError
+
+    model = torch.nn.Linear(3, 2)
+    graphs = StepGraphs(list(model.parameters()), EagerCapturer(fail=True), required=True)
+    with pytest.raises(TunesmithError, match="cuda_graphs: true, but capturing a training step failed"):
+        graphs.step(_linear_step(model), _batch(1), 1.0)
+
+
+def test_a_failed_capture_frees_the_graphs_and_keeps_the_window():
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    capturer = EagerCapturer()
+    graphs = StepGraphs(list(model.parameters()), capturer)
+    graphs.step(_linear_step(model), _batch(1), 2.0)  # captured and replayed
+    capturer.fail = True
+    graphs.step(_linear_step(model), _batch(2, rows=5), 2.0)  # a new shape fails: eager from now on
+    for b in (_batch(1), _batch(2, rows=5)):
+        _linear_step(reference)(b, 2.0)
+    assert graphs.off and not graphs.graphs and graphs.grads is None
+    torch.testing.assert_close(model.weight.grad, reference.weight.grad)  # the window's sum so far is kept
+    graphs.step(_linear_step(model), _batch(3), 2.0)  # a known shape runs eagerly too, adding to it
+    _linear_step(reference)(_batch(3), 2.0)
+    torch.testing.assert_close(model.weight.grad, reference.weight.grad)
+
+
+def test_evaluation_batches_keep_their_own_shapes(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """Only training batches are padded to the grid; evaluation's are never replayed."""
+    seen = {"train": [], "eval": []}
+    real_step, real_predict = (
+        trainer_module.TunesmithTrainer.training_step,
+        trainer_module.TunesmithTrainer.prediction_step,
+    )
+
+    def training_step(self, model, inputs, *a, **k):
+        seen["train"].append(LOSS_ROW_WEIGHTS in inputs)
+        return real_step(self, model, inputs, *a, **k)
+
+    def prediction_step(self, model, inputs, *a, **k):
+        seen["eval"].append(LOSS_ROW_WEIGHTS in inputs)
+        return real_predict(self, model, inputs, *a, **k)
+
+    with monkeypatch.context() as m:
+        _graphed_training(m, EagerCapturer())
+        m.setattr(trainer_module.TunesmithTrainer, "training_step", training_step)
+        m.setattr(trainer_module.TunesmithTrainer, "prediction_step", prediction_step)
+        train(tiny_model_dir, sft_data, tmp_path / "out", flash_attn="varlen", max_steps=2, val_size=0.25,
+              eval_strategy="steps", eval_steps=1, per_device_train_batch_size=3)  # fmt: skip
+    assert seen["train"] and all(seen["train"])
+    assert seen["eval"] and not any(seen["eval"])
