@@ -58,10 +58,9 @@ class CudaCapturer:
     (`TunesmithTrainer.train`): the autograd engine accumulates a parameter's gradient on the stream its
     first backward ran on, so gradients first made on the default stream would make the default stream
     wait on the capture, which CUDA refuses ("operation would make the legacy stream depend on a capturing
-    blocking stream", measured on an H200). `torch.cuda.graph` would also synchronise and empty the
-    allocator's cache before every capture; one pool shared by every capture needs neither, so the
-    capture is begun and ended here. ``thread_local``: the data loader's pin-memory thread may use CUDA
-    meanwhile.
+    blocking stream", measured on an H200). Every capture shares one pool, so the capture is begun and
+    ended here rather than through `torch.cuda.graph` (which would also synchronise and collect garbage).
+    ``thread_local``: the data loader's pin-memory thread may use CUDA meanwhile.
     """
 
     def __init__(self) -> None:
@@ -73,6 +72,9 @@ class CudaCapturer:
     def capture(self, fn: Callable[[], Any]) -> Callable[[], None]:
         if torch.cuda.current_stream() == torch.cuda.default_stream():
             raise RuntimeError("CUDA graphs are captured on a side stream, and the training runs on it")
+        # the blocks eager steps left cached go back first, so the pool can take them: otherwise a run would
+        # hold its activations twice, once in the allocator's cache and once in the graphs' pool
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(self.pool, capture_error_mode="thread_local")
         try:
