@@ -11,7 +11,9 @@ One fixed batch, the tunesmith step's parts (PEFT LoRA rank 8 on every linear la
 the fused loss head, AdamW, gradient clipping), four ways:
 - eager; compiled (decoder layers compiled in place, as `torch_compile: true` does);
 - eager_graph, compiled_graph: the same, with the forward + backward captured once and replayed each step
-  (the optimizer and clipping stay outside the graph).
+  (the optimizer and clipping stay outside the graph), the gradients allocated in the graph's pool;
+- eager_graph_inplace, compiled_graph_inplace: the gradients allocated before the capture and zeroed before
+  each replay, which accumulates into them in place (no gradient copy in the pool: the trainer's candidate).
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
 memory, optimizer steps taken (counted from AdamW's state), compiled decoder layers, the first step's loss and
 its gradients (relative L2 of a few LoRA weights'), and the loss after the last step. Checks: every variant
@@ -46,7 +48,14 @@ from train_gpu_smoke import QWEN25_05B, device, versions  # bench/ is on sys.pat
 
 SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
-VARIANTS = ("eager", "compiled", "eager_graph", "compiled_graph")
+VARIANTS = (
+    "eager",
+    "compiled",
+    "eager_graph",
+    "compiled_graph",
+    "eager_graph_inplace",
+    "compiled_graph_inplace",
+)
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}
 # a graph variant against its twin: the same kernels, replayed (flash-attention's backward sums with atomics)
 TWIN_TOLERANCE = {"loss_rel": 1e-3, "grad_rel": 1e-2, "last_loss_rel": 1e-3}
@@ -129,7 +138,8 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
 
-    if name.endswith("_graph"):
+    if "_graph" in name:
+        inplace = name.endswith("_inplace")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (and compiling) off the capture stream, as torch asks
@@ -137,13 +147,16 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
                 opt.zero_grad(set_to_none=True)
                 forward_backward()
         torch.cuda.current_stream().wait_stream(side)
-        opt.zero_grad(set_to_none=True)  # backward then allocates the gradients in the graph's pool
+        # pool: backward allocates the gradients in the graph's pool; inplace: it adds into ours
+        opt.zero_grad(set_to_none=not inplace)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_loss = forward_backward()
 
         def fb() -> Any:
-            graph.replay()  # rewrites the gradients in place: no zeroing, ever
+            if inplace:
+                opt.zero_grad(set_to_none=False)
+            graph.replay()  # pool: rewrites the gradients, no zeroing
             return static_loss
     else:
 
@@ -178,6 +191,8 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         "compiled_layers": layers,
         "head_compile_backend": head.compile_backend,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        # the graph's pool is allocated before the peak is reset: what is reserved counts it
+        "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3) if cuda else None,
         "_grads": grads,
     }
 
@@ -281,8 +296,8 @@ def compare(results: dict[str, dict], grads_of: dict[str, dict], tol: dict) -> d
                 "pass": rel(r["first_loss"], e["first_loss"]) <= tol["loss_rel"]
                 and max(g.values()) <= tol["grad_rel"],
             }
-        twin = name.removesuffix("_graph")
-        if name.endswith("_graph") and twin in ran:
+        twin = name.split("_graph")[0]
+        if "_graph" in name and twin in ran:
             t = results[twin]
             g = grad_rel(grads_of[name], grads_of[twin])
             d = {
@@ -313,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda, _, _, _, batch, (lo, hi) = setup(a)
     mode = "gpu" if cuda else "cpu"
     variants = a.variants or (VARIANTS if cuda else ("eager", "compiled"))
-    if not cuda and any(v.endswith("_graph") for v in variants):
+    if not cuda and any("_graph" in v for v in variants):
         raise SystemExit("CUDA graphs need a GPU: leave the *_graph variants out with --cpu-smoke")
     out = {
         "bench": "cuda_graph_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -82,3 +82,9 @@ def test_a_graph_variant_must_match_its_twin_after_the_last_step_too() -> None:
     results["eager_graph"] = dict(run)
     checks = cgs.compare(results, grads, cgs.TOLERANCE["gpu"])
     assert not checks["eager_graph"]["vs_eager"]["pass"] and not checks["eager_graph"]["pass"]
+    results["compiled_graph_inplace"] = run | {
+        "last_loss": 4.3
+    }  # in-place accumulation checked against its twin
+    grads["compiled_graph_inplace"] = g
+    checks = cgs.compare(results, grads, cgs.TOLERANCE["gpu"])
+    assert not checks["compiled_graph_inplace"]["vs_compiled"]["pass"]
