@@ -189,8 +189,9 @@ class TrainingArgs:
     cuda_graphs: bool | None = opt(
         None,
         "Replay each batch shape's forward + backward as a CUDA graph (sizes on a grid, under 1/8 padding): "
-        "much faster small steps. Unset: on where the step allows (one GPU, varlen attention, fused loss, "
-        "no gradient checkpointing, no quantization, no fp16), logged; true: required; false: off.",
+        "much faster small steps. Unset: on where the step allows (LoRA or freeze on one GPU, varlen "
+        "attention, fused loss, no gradient checkpointing, no quantization, no fp16), logged; true: "
+        "required (full fine-tuning too); false: off.",
     )
     # Launch settings (tunesmith train relaunches itself under torchrun); unset means the environment
     # variable of the same name in capitals, then the default.

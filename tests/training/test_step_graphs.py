@@ -331,9 +331,38 @@ def test_config_obstacles_name_each_feature_that_rules_graphs_out():
         ({"optim": "adalomo"}, "optim adalomo"),
         ({"optim": "galore_adamw_layerwise"}, "optim galore_adamw_layerwise"),
         ({"use_liger_kernel": True}, "use_liger_kernel"),
+        ({"finetuning_type": "full"}, "finetuning_type: full"),  # unset: LoRA and freeze only, as measured
     ]:
         found = obstacles(**keys)
         assert len(found) == 1 and found[0].startswith(word), (keys, found)
+
+
+def test_the_stage_decides_from_the_config_and_the_launch(monkeypatch):
+    """With a GPU: graphs left to the trainer unless the config or a multi-process launch rules them out
+    (logged, or with cuda_graphs: true an error); cuda_graphs: true turns them on for full fine-tuning."""
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+    from tunesmith.training import causal_lm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def decide(**keys):
+        return causal_lm._cuda_graphs(load_config(None, {"model_name_or_path": "m", "stage": "sft", **keys}))
+
+    assert decide() is None and decide(cuda_graphs=True) is True and decide(cuda_graphs=False) is False
+    log = LogMessages()
+    logging.getLogger("tunesmith").addHandler(log)
+    try:
+        assert decide(finetuning_type="full") is False
+    finally:
+        logging.getLogger("tunesmith").removeHandler(log)
+    assert any(m.startswith("cuda graphs: off (finetuning_type: full") for m in log.messages)
+    assert decide(finetuning_type="full", cuda_graphs=True) is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert decide() is False
+    with pytest.raises(TunesmithError, match="cuda_graphs: true, but .*several processes"):
+        decide(cuda_graphs=True)
 
 
 def test_mixture_of_experts_models_are_not_captured():

@@ -325,8 +325,10 @@ def _total_tokens(data: DataBundle, args: Any) -> int | None:
 
 def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     """Run one pt or sft training from a validated config."""
-    with _step_stream(cfg):
-        out, metrics, is_main = _train(cfg, kind)  # the model is freed here: prediction loads the saved one
+    graphs = _cuda_graphs(cfg)
+    with _step_stream() if graphs is not False else contextlib.nullcontext():
+        # the training model is freed on return: prediction loads the one just saved
+        out, metrics, is_main = _train(cfg, kind, graphs)
     if cfg.training.do_predict and is_main:
         from tunesmith.infer.predict import predict_after_training
 
@@ -334,25 +336,42 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     return TrainResult(out, metrics)
 
 
-def _step_stream(cfg: Config) -> contextlib.AbstractContextManager[Any]:
-    """Where the training's steps may become CUDA graphs (one GPU, nothing in the config against them),
-    everything from loading the model on runs on a side stream (`step_graphs.training_stream`): with the
-    model's first backward on the default stream, the capture failed on an H200 ("operation would make the
-    legacy stream depend on a capturing blocking stream")."""
+def _cuda_graphs(cfg: Config) -> bool | None:
+    """The trainer's cuda_graphs: False where the config (or the launch) rules graphs out, logged when the
+    user left it to tunesmith; else the config's (None: the trainer decides at its second micro-batch)."""
     import torch
 
     from tunesmith.config_checks import cuda_graph_obstacles
+
+    if cfg.training.cuda_graphs is False or not torch.cuda.is_available():
+        return cfg.training.cuda_graphs  # without a GPU the trainer says why not (with true: an error)
+    found = cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
+    if read_launch_env(os.environ).world_size > 1:
+        found.append("several processes (gradients are all-reduced outside a captured step)")
+    if not found:
+        return cfg.training.cuda_graphs
+    if cfg.training.cuda_graphs:  # what the config rules out was refused when it loaded: the launch is left
+        raise TunesmithError(
+            f"cuda_graphs: true, but this run's steps cannot be replayed as CUDA graphs: {'; '.join(found)}. "
+            "Fix: remove cuda_graphs (graphs wherever the step allows them), or run on one GPU"
+        )
+    log.info("cuda graphs: off (%s)", "; ".join(found))
+    return False
+
+
+def _step_stream() -> contextlib.AbstractContextManager[Any]:
+    """Where the training's steps may become CUDA graphs, everything from loading the model on runs on a side
+    stream (`step_graphs.training_stream`): with the model's first backward on the default stream, the
+    capture failed on an H200 ("operation would make the legacy stream depend on a capturing blocking
+    stream")."""
+    import torch
+
     from tunesmith.training.step_graphs import training_stream
 
-    maybe = (
-        torch.cuda.is_available()
-        and read_launch_env(os.environ).world_size == 1
-        and not cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
-    )
-    return training_stream() if maybe else contextlib.nullcontext()
+    return training_stream() if torch.cuda.is_available() else contextlib.nullcontext()
 
 
-def _train(cfg: Config, kind: str) -> tuple[Path, dict[str, Any], bool]:
+def _train(cfg: Config, kind: str, cuda_graphs: bool | None) -> tuple[Path, dict[str, Any], bool]:
     """(output folder, metrics, whether this is the main process) of one pt or sft training."""
     from transformers import EarlyStoppingCallback
 
@@ -387,13 +406,13 @@ def _train(cfg: Config, kind: str) -> tuple[Path, dict[str, Any], bool]:
         stochastic_rounding=cfg.finetuning.pure_bf16 and cfg.finetuning.stochastic_rounding,
         loss_compile_backend=compile_backend(cfg.training.hf),
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
-        cuda_graphs=cfg.training.cuda_graphs,
+        cuda_graphs=cuda_graphs,
     )
     obstacles = graph_obstacles(trainer, tuned.model)
     if not obstacles:
         # batches on a grid of shapes, so a run's steps fall into few CUDA graphs (training.step_graphs)
         trainer.train_collator = dataclasses.replace(collator, static_shapes=True)
-    elif cfg.training.cuda_graphs:
+    elif cuda_graphs:
         raise graphs_required_error(obstacles)
     if cfg.finetuning.early_stopping_steps:
         trainer.add_callback(
