@@ -231,7 +231,7 @@ def cross_field_problems(
             "offload_activations",
         )
     _engine_problems(v, hf, add)
-    if v["cuda_graphs"] and training:
+    if v["cuda_graphs"]:
         ruled_out = [why for why in cuda_graph_obstacles(v, hf) if why != "cuda_graphs: false"]
         if ruled_out:
             add(
@@ -267,6 +267,7 @@ def cuda_graph_obstacles(v: Mapping[str, Any], hf: Mapping[str, Any]) -> list[st
         or v["offload_activations"],
         "tiled_mlp_tokens (its backward reads the CUDA random state)": v["tiled_mlp_tokens"] is not None,
         "use_liger_kernel (its loss is not the fused head)": bool(hf.get("use_liger_kernel")),
+        "label_smoothing_factor (the plain loss path)": bool(hf.get("label_smoothing_factor")),
         "DeepSpeed or FSDP": bool(hf.get("deepspeed") or hf.get("fsdp")),
         f"optim {optim} (it steps inside backward)": "lomo" in optim or "layerwise" in optim,
         "torch_empty_cache_steps": hf.get("torch_empty_cache_steps") is not None,

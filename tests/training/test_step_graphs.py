@@ -309,7 +309,41 @@ def test_cuda_graphs_true_without_a_gpu_fails_before_the_first_step(tiny_model_d
 
     with pytest.raises(TunesmithError, match=r"cuda_graphs: true, but .*no CUDA GPU.*Fix: "):
         train(tiny_model_dir, sft_data, tmp_path / "on", flash_attn="varlen", max_steps=2, cuda_graphs=True)
-    assert not (tmp_path / "on" / "trainer_log.jsonl").exists()
+    assert not (tmp_path / "on").exists()  # before the data or the model were loaded
+
+
+def test_a_cpu_varlen_lora_run_lacks_only_the_gpu(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """The run graphs would take on a GPU: the trainer's own checks find nothing else against them."""
+    found = []
+    real = trainer_module.graph_obstacles
+
+    def recording(trainer, model):
+        found.append(real(trainer, model))
+        return found[-1]
+
+    monkeypatch.setattr(trainer_module, "graph_obstacles", recording)
+    train(tiny_model_dir, sft_data, tmp_path / "out", flash_attn="varlen", max_steps=2)
+    assert found and all(set(f) == {"cuda_graphs: false", "no CUDA GPU"} for f in found), found
+
+
+def test_a_replay_finds_the_model_in_training_mode_after_an_evaluation(tiny_model_dir, sft_data, tmp_path, monkeypatch):  # fmt: skip
+    """A replay runs none of HF's Python, so the trainer puts the model back in train mode itself."""
+    modes = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def step(self, fn, inputs, num_items, extra=()):
+            modes.append(fn.args[0].training)  # the model, as a replay would find it
+            return fn(inputs, num_items)
+
+    with monkeypatch.context() as m:
+        _graphed_training(m, EagerCapturer())
+        m.setattr(trainer_module, "StepGraphs", Recording)
+        train(tiny_model_dir, sft_data, tmp_path / "out", flash_attn="varlen", max_steps=3, val_size=0.25,
+              eval_strategy="steps", eval_steps=1, per_device_train_batch_size=3)  # fmt: skip
+    assert len(modes) == 2 and all(modes)  # steps 2 and 3, each after an evaluation
 
 
 def test_config_obstacles_name_each_feature_that_rules_graphs_out():
@@ -350,19 +384,18 @@ def test_the_stage_decides_from_the_config_and_the_launch(monkeypatch):
     def decide(**keys):
         return causal_lm._cuda_graphs(load_config(None, {"model_name_or_path": "m", "stage": "sft", **keys}))
 
-    assert decide() is None and decide(cuda_graphs=True) is True and decide(cuda_graphs=False) is False
-    log = LogMessages()
-    logging.getLogger("tunesmith").addHandler(log)
-    try:
-        assert decide(finetuning_type="full") is False
-    finally:
-        logging.getLogger("tunesmith").removeHandler(log)
-    assert any(m.startswith("cuda graphs: off (finetuning_type: full") for m in log.messages)
-    assert decide(finetuning_type="full", cuda_graphs=True) is True
+    assert decide() == (None, []) and decide(cuda_graphs=True) == (True, [])
+    assert decide(cuda_graphs=False) == (False, [])  # the user's choice: nothing to log
+    graphs, why = decide(finetuning_type="full")
+    assert graphs is False and len(why) == 1 and why[0].startswith("finetuning_type: full")
+    assert decide(finetuning_type="full", cuda_graphs=True) == (True, [])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert decide() is False
+    assert decide() == (False, ["several processes (gradients are all-reduced outside a captured step)"])
     with pytest.raises(TunesmithError, match="cuda_graphs: true, but .*several processes"):
         decide(cuda_graphs=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert decide() == (False, [])  # no GPU: off, and nothing worth a log line
 
 
 def test_mixture_of_experts_models_are_not_captured():

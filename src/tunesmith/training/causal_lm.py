@@ -325,10 +325,10 @@ def _total_tokens(data: DataBundle, args: Any) -> int | None:
 
 def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     """Run one pt or sft training from a validated config."""
-    graphs = _cuda_graphs(cfg)
+    graphs, why_not = _cuda_graphs(cfg)
     with _step_stream() if graphs is not False else contextlib.nullcontext():
         # the training model is freed on return: prediction loads the one just saved
-        out, metrics, is_main = _train(cfg, kind, graphs)
+        out, metrics, is_main = _train(cfg, kind, graphs, why_not)
     if cfg.training.do_predict and is_main:
         from tunesmith.infer.predict import predict_after_training
 
@@ -336,27 +336,31 @@ def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     return TrainResult(out, metrics)
 
 
-def _cuda_graphs(cfg: Config) -> bool | None:
-    """The trainer's cuda_graphs: False where the config (or the launch) rules graphs out, logged when the
-    user left it to tunesmith; else the config's (None: the trainer decides at its second micro-batch)."""
+def _cuda_graphs(cfg: Config) -> tuple[bool | None, list[str]]:
+    """(the trainer's cuda_graphs, why they are off when tunesmith turned them off, to log).
+
+    False where the config, the launch or the lack of a GPU rules graphs out (with cuda_graphs: true, an
+    error instead); else the config's value (unset: the trainer decides at its second micro-batch).
+    """
     import torch
 
     from tunesmith.config_checks import cuda_graph_obstacles
 
-    if cfg.training.cuda_graphs is False or not torch.cuda.is_available():
-        return cfg.training.cuda_graphs  # without a GPU the trainer says why not (with true: an error)
+    if cfg.training.cuda_graphs is False:
+        return False, []
     found = cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
     if read_launch_env(os.environ).world_size > 1:
         found.append("several processes (gradients are all-reduced outside a captured step)")
+    if not torch.cuda.is_available():
+        found.append("no CUDA GPU")
     if not found:
-        return cfg.training.cuda_graphs
-    if cfg.training.cuda_graphs:  # what the config rules out was refused when it loaded: the launch is left
+        return cfg.training.cuda_graphs, []
+    if cfg.training.cuda_graphs:  # the config's own obstacles were refused when it loaded
         raise TunesmithError(
             f"cuda_graphs: true, but this run's steps cannot be replayed as CUDA graphs: {'; '.join(found)}. "
-            "Fix: remove cuda_graphs (graphs wherever the step allows them), or run on one GPU"
+            "Fix: remove cuda_graphs (graphs wherever the step allows them), or train on one GPU"
         )
-    log.info("cuda graphs: off (%s)", "; ".join(found))
-    return False
+    return False, found if torch.cuda.is_available() else []  # no GPU: nothing to say
 
 
 def _step_stream() -> contextlib.AbstractContextManager[Any]:
@@ -371,8 +375,11 @@ def _step_stream() -> contextlib.AbstractContextManager[Any]:
     return training_stream() if torch.cuda.is_available() else contextlib.nullcontext()
 
 
-def _train(cfg: Config, kind: str, cuda_graphs: bool | None) -> tuple[Path, dict[str, Any], bool]:
-    """(output folder, metrics, whether this is the main process) of one pt or sft training."""
+def _train(
+    cfg: Config, kind: str, cuda_graphs: bool | None, graphs_off: list[str]
+) -> tuple[Path, dict[str, Any], bool]:
+    """(output folder, metrics, whether this is the main process) of one pt or sft training; ``graphs_off``:
+    why tunesmith turned CUDA graphs off (logged once logging is set up)."""
     from transformers import EarlyStoppingCallback
 
     from tunesmith.data.collate import CausalLMCollator
@@ -382,6 +389,8 @@ def _train(cfg: Config, kind: str, cuda_graphs: bool | None) -> tuple[Path, dict
     from tunesmith.training.trainer import TunesmithTrainer, graph_obstacles, graphs_required_error
 
     run = start_run(cfg, kind)
+    if graphs_off:
+        log.info("cuda graphs: off (%s)", "; ".join(graphs_off))
     args, tuned, out = run.args, run.tuned, run.out
     bundle = training_callbacks(
         plot_loss=cfg.training.plot_loss,

@@ -291,6 +291,8 @@ def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
         "fp16 (its loss scaler reads the gradients on the host)": a.fp16,
         # before the first batch the head is undecided: only turning it off counts
         "the plain loss path (only the fused loss head is captured)": not trainer.fused_loss
+        or trainer.label_smoother is not None
+        or trainer.compute_loss_func is not None
         or (trainer._fused is not None and not isinstance(trainer._fused, FusedHead)),
         "gradient checkpointing": _checkpointing(model),
         "a quantized model": getattr(getattr(model, "config", None), "quantization_config", None) is not None,
@@ -327,7 +329,8 @@ def _checkpointing(model: Any) -> bool:
 def graphs_required_error(obstacles: list[str]) -> TunesmithError:
     return TunesmithError(
         f"cuda_graphs: true, but this run's step cannot be captured: {'; '.join(obstacles)}. "
-        "Fix: leave cuda_graphs unset (graphs where the step allows) or set it to false"
+        "Fix: change what rules them out where you can (flash_attn: varlen; checkpointing turned on for memory "
+        "cannot be combined with graphs), or leave cuda_graphs unset (graphs wherever the step allows them)"
     )
 
 
