@@ -248,6 +248,22 @@ def fused_ce_gpu_check(d: dict) -> str | None:
     return line
 
 
+def cuda_graph_step(d: dict) -> str | None:
+    """ms per optimizer step of each variant that ran, on one fixed batch, and whether the checks pass."""
+    if d.get("mode") != "gpu":
+        return None
+    ran = {k: v["ms_per_step"] for k, v in d.get("variants", {}).items() if v.get("ms_per_step")}
+    if not ran:
+        return None
+    b = d["batch"]
+    times = ", ".join(f"{name} {ms:.1f}" for name, ms in ran.items())
+    checks = (d.get("checks") or {}).get("pass")
+    return (
+        f"LoRA step ({b['rows']} rows, {b['tokens']:,} tokens), ms per optimizer step: {times}; "
+        f"losses and gradients vs eager and twins: {'pass' if checks else 'FAIL'}"
+    )
+
+
 HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "train_throughput": train_throughput,
     "qlora_memory": qlora_memory,
@@ -259,6 +275,7 @@ HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "dpo_gpu_memory": dpo_gpu_memory,
     "export_gpu_check": export_gpu_check,
     "fused_ce_gpu_check": fused_ce_gpu_check,
+    "cuda_graph_step": cuda_graph_step,
 }
 
 
@@ -281,6 +298,8 @@ def _row_key(kind: str, d: dict) -> str:
     if kind == "qlora_memory":  # the 2048 goal and a context-only search keep their own rows
         goal = (d.get("goals") or {}).get("qlora_2048_peak_le_7gib", {})
         return "context" if goal.get("value_gib") is None else ""
+    if kind == "cuda_graph_step":  # a row per batch size
+        return str(d["batch"]["rows"])
     if kind == "predict_throughput":
         return "ratio" if d.get("ratio") else "check"
     return ""

@@ -109,6 +109,19 @@ def test_fused_head_check_headline():
     assert report.fused_ce_gpu_check(d | {"device": "cpu"}) is None
 
 
+def test_cuda_graph_step_headline():
+    d = {"mode": "gpu", "batch": {"rows": 8, "tokens": 1399},
+         "variants": {"eager": {"ms_per_step": 145.724}, "compiled_graph": {"ms_per_step": 24.753},
+                      "eager_graph": {"error": "exit -11"}},
+         "checks": {"pass": True}}  # fmt: skip
+    assert report.cuda_graph_step(d) == (
+        "LoRA step (8 rows, 1,399 tokens), ms per optimizer step: eager 145.7, compiled_graph 24.8; "
+        "losses and gradients vs eager and twins: pass"
+    )
+    assert report.cuda_graph_step(d | {"checks": {"pass": False}}).endswith("FAIL")
+    assert report.cuda_graph_step(d | {"mode": "cpu"}) is None
+
+
 H200 = {"cuda": True, "name": "NVIDIA H200", "count": 1}
 
 
