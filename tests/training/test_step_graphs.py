@@ -331,8 +331,10 @@ def test_a_replay_finds_the_model_in_training_mode_after_an_evaluation(tiny_mode
     modes = []
 
     class Recording:
+        """Runs each step as it comes, noting the model's mode first."""
+
         def __init__(self, *args, **kwargs):
-            pass
+            """StepGraphs' arguments, unused."""
 
         def step(self, fn, inputs, num_items, extra=()):
             modes.append(fn.args[0].training)  # the model, as a replay would find it

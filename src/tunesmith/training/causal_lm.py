@@ -325,8 +325,13 @@ def _total_tokens(data: DataBundle, args: Any) -> int | None:
 
 def train_causal_lm(cfg: Config, kind: str) -> TrainResult:
     """Run one pt or sft training from a validated config."""
+    from tunesmith.training.step_graphs import training_stream
+
     graphs, why_not = _cuda_graphs(cfg)
-    with _step_stream() if graphs is not False else contextlib.nullcontext():
+    # with graphs possible, everything from loading the model on runs on a side stream: with the model's first
+    # backward on the default stream, the capture failed on an H200 ("operation would make the legacy stream
+    # depend on a capturing blocking stream")
+    with training_stream() if graphs is not False else contextlib.nullcontext():
         # the training model is freed on return: prediction loads the one just saved
         out, metrics, is_main = _train(cfg, kind, graphs, why_not)
     if cfg.training.do_predict and is_main:
@@ -340,7 +345,8 @@ def _cuda_graphs(cfg: Config) -> tuple[bool | None, list[str]]:
     """(the trainer's cuda_graphs, why they are off when tunesmith turned them off, to log).
 
     False where the config, the launch or the lack of a GPU rules graphs out (with cuda_graphs: true, an
-    error instead); else the config's value (unset: the trainer decides at its second micro-batch).
+    error instead); else the config's value (unset: the trainer decides at its second micro-batch, from
+    what only the running model shows: `trainer.graph_obstacles`).
     """
     import torch
 
@@ -351,7 +357,8 @@ def _cuda_graphs(cfg: Config) -> tuple[bool | None, list[str]]:
     found = cuda_graph_obstacles(cfg.to_flat_dict(), cfg.training.hf)
     if read_launch_env(os.environ).world_size > 1:
         found.append("several processes (gradients are all-reduced outside a captured step)")
-    if not torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if not gpu:
         found.append("no CUDA GPU")
     if not found:
         return cfg.training.cuda_graphs, []
@@ -360,19 +367,7 @@ def _cuda_graphs(cfg: Config) -> tuple[bool | None, list[str]]:
             f"cuda_graphs: true, but this run's steps cannot be replayed as CUDA graphs: {'; '.join(found)}. "
             "Fix: remove cuda_graphs (graphs wherever the step allows them), or train on one GPU"
         )
-    return False, found if torch.cuda.is_available() else []  # no GPU: nothing to say
-
-
-def _step_stream() -> contextlib.AbstractContextManager[Any]:
-    """Where the training's steps may become CUDA graphs, everything from loading the model on runs on a side
-    stream (`step_graphs.training_stream`): with the model's first backward on the default stream, the
-    capture failed on an H200 ("operation would make the legacy stream depend on a capturing blocking
-    stream")."""
-    import torch
-
-    from tunesmith.training.step_graphs import training_stream
-
-    return training_stream() if torch.cuda.is_available() else contextlib.nullcontext()
+    return False, found if gpu else []  # no GPU: nothing to say
 
 
 def _train(

@@ -54,8 +54,8 @@ class Capturer(Protocol):
 class CudaCapturer:
     """CUDA graphs captured on the current stream, all in one memory pool.
 
-    The current stream must be a side stream, and the whole training must run on it
-    (`TunesmithTrainer.train`): the autograd engine accumulates a parameter's gradient on the stream its
+    The current stream must be a side stream, and the whole training must run on it (`training_stream`,
+    entered by the sft/pt stage before it loads the model): the autograd engine accumulates a parameter's gradient on the stream its
     first backward ran on, so gradients first made on the default stream would make the default stream
     wait on the capture, which CUDA refuses ("operation would make the legacy stream depend on a capturing
     blocking stream", measured on an H200). Every capture shares one pool, so the capture is begun and
@@ -87,25 +87,21 @@ class CudaCapturer:
         return graph.replay
 
 
-def training_stream() -> Any:
+@contextlib.contextmanager
+def training_stream() -> Iterator[None]:
     """A side stream to run a whole training on, so its steps can be captured (`CudaCapturer`): entered
     after the default stream's work so far, and left with the default stream waiting for it. Already on a
     side stream, it stays there."""
-
-    @contextlib.contextmanager
-    def on_stream() -> Iterator[None]:
-        if torch.cuda.current_stream() != torch.cuda.default_stream():
+    if torch.cuda.current_stream() != torch.cuda.default_stream():
+        yield
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
             yield
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(stream):
-                yield
-        finally:
-            torch.cuda.current_stream().wait_stream(stream)
-
-    return on_stream()
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
 
 
 @dataclass

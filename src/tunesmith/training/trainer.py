@@ -32,7 +32,6 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROW_WEIGHTS, LOSS_ROWS, CausalLMCollator
 from tunesmith.errors import TunesmithError
-from tunesmith.model.tiled_mlp import TiledMLP
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
@@ -69,9 +68,8 @@ class TunesmithTrainer(Trainer):
         self._non_embedding_params: int | None = None  # for floating_point_ops, counted once
         self._trained_params: list[torch.nn.Parameter] | None = None  # for _clip_grad_norm, listed once
         self._uncast_layers: list[Any] | None = None  # LoRA layers fed in the compute dtype (lora_casting)
-        self.cuda_graphs = (
-            cuda_graphs  # None: where the step allows (step_graphs); the sft/pt stage passes it
-        )
+        # None: where the step allows (step_graphs); the sft/pt stage passes what the config and launch allow
+        self.cuda_graphs = cuda_graphs
         self._graphs: StepGraphs | str | None = None  # decided at the second micro-batch: graphs, or why not
         # the training batches' collator when it differs from data_collator's (static shapes for CUDA graphs)
         self.train_collator: Any = None
@@ -275,10 +273,11 @@ class TunesmithTrainer(Trainer):
 
 
 def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
-    """Why this run's micro-batch step cannot be replayed as a CUDA graph (empty: it can)."""
+    """Why this run's micro-batch step cannot be replayed as a CUDA graph (empty: it can), from what the
+    running trainer and model show. What the config alone rules out (DeepSpeed, LOMO, tiled MLPs, ...) the
+    sft/pt stage checks first (`config_checks.cuda_graph_obstacles`) and passes as cuda_graphs=False."""
     a = trainer.args
     collator = trainer.data_collator
-    optim = str(getattr(a.optim, "value", a.optim))
     found = {
         "cuda_graphs: false": trainer.cuda_graphs is False,
         "batches without document boundaries (flash_attn: varlen makes them)": not (
@@ -287,7 +286,7 @@ def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
         "no CUDA GPU": not torch.cuda.is_available() or a.device.type != "cuda",
         "several processes or GPUs (gradients are all-reduced outside a captured step)": a.world_size > 1
         or a.n_gpu > 1,
-        "DeepSpeed or FSDP": trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled,
+        # fp16 may be tunesmith's own choice (dtype auto on a GPU without bf16), not the config's
         "fp16 (its loss scaler reads the gradients on the host)": a.fp16,
         # before the first batch the head is undecided: only turning it off counts
         "the plain loss path (only the fused loss head is captured)": not trainer.fused_loss
@@ -296,13 +295,8 @@ def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
         or (trainer._fused is not None and not isinstance(trainer._fused, FusedHead)),
         "gradient checkpointing": _checkpointing(model),
         "a quantized model": getattr(getattr(model, "config", None), "quantization_config", None) is not None,
-        "torch_empty_cache_steps": a.torch_empty_cache_steps is not None,
-        "an optimizer stepping inside backward (LOMO, layerwise)": "lomo" in optim or "layerwise" in optim,
         "a mixture-of-experts model (its routing has data-dependent shapes)": _experts(model),
-        "tiled_mlp_tokens (its backward reads the CUDA random state)": any(
-            isinstance(m, TiledMLP) for m in model.modules()
-        ),
-        # the sft/pt stage runs on one from loading the model on (causal_lm._step_stream)
+        # the sft/pt stage runs on one from loading the model on (step_graphs.training_stream)
         "the training does not run on a side CUDA stream": torch.cuda.is_available()
         and torch.cuda.current_stream() == torch.cuda.default_stream(),
     }
