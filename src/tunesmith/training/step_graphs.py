@@ -10,10 +10,11 @@ How a step is replayed here:
   loss rows padded with zero-weight rows), so a run's batches fall into a few shapes; one graph per shape,
   all sharing one memory pool;
 - a graph's inputs are buffers of its own, into which each batch is copied before the replay;
-- the captured region is the Trainer's own `training_step` (loss scaling, autocast, backward, as eager),
-  with the fresh gradients then added into accumulators that stay the parameters' `.grad` between steps, so
-  gradient accumulation, clipping and the optimizer (outside the graph) see ordinary gradients; a
-  gradient set to None (the optimizer's zero_grad) zeroes its accumulator before the next replay;
+- the captured region is the Trainer's own `training_step` (loss scaling, autocast, backward, as eager);
+  the parameters' `.grad` are accumulators made before the first capture, into which autograd adds each
+  step's gradients in place (no second copy of the gradients in the graphs' pool), so gradient
+  accumulation, clipping and the optimizer (outside the graph) see ordinary gradients; a gradient set to
+  None (the optimizer's zero_grad) zeroes its accumulator before the next replay;
 - the whole training runs on one side stream (`training_stream`), where graphs can be captured;
 - a shape seen for the first time is captured and then replayed in the same step, so it costs about one
   eager step; the first capture is preceded by one eager run of the step (and, with compiled layers, every
@@ -203,16 +204,10 @@ class StepGraphs:
             self.grads = [torch.zeros_like(p) for p in self.params]
         kept = [p.grad for p in self.params]  # the window's gradients so far, untouched by the warm-up
 
-        def run() -> None:  # HF's step leaves fresh gradients in .grad: add them to the accumulators
-            for p in self.params:
-                p.grad = None
-            out = step(dict(static), count)
-            has = [i for i, p in enumerate(self.params) if p.grad is not None]
-            if has:
-                torch._foreach_add_([self.grads[i] for i in has], [self.params[i].grad for i in has])
-            loss.copy_(out)
-            for p, acc in zip(self.params, self.grads):  # Python only: a CUDA replay leaves .grad as it is
+        def run() -> None:  # autograd adds the step's gradients into .grad in place: the accumulators
+            for p, acc in zip(self.params, self.grads):
                 p.grad = acc
+            loss.copy_(step(dict(static), count))
 
         try:
             if self.warm_up_every_shape or not self._warm:
