@@ -10,6 +10,7 @@ import json
 import logging
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,9 @@ from tunesmith.data.collate import (
     STATIC_FLOORS,
     CausalLMCollator,
     grid_size,
+    likely_widths,
+    static_width,
+    width_rows,
 )
 from tunesmith.training.step_graphs import StepGraphs, shape_key
 
@@ -154,6 +158,29 @@ def _accumulation_matches_eager(capturer, device="cpu"):
     return graphs
 
 
+class WarmUpFailsLate(EagerCapturer):
+    """The second warm-up runs the step (its gradients land in the accumulators), then fails."""
+
+    def warm_up(self, fn):
+        super().warm_up(fn)
+        if self.warm_ups == 2:
+            raise RuntimeError("out of memory in the warm-up")
+
+
+def test_a_warm_up_that_fails_after_its_backward_leaves_the_window_gradients_as_they_were():
+    torch.manual_seed(0)
+    eager, graphed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    graphed.load_state_dict(eager.state_dict())
+    graphs = StepGraphs(list(graphed.parameters()), WarmUpFailsLate(), warm_up_every_shape=True)
+    step = _linear_step(graphed)
+    for micro, rows in enumerate((4, 6)):  # one window: a replayed micro-batch, then a new shape that fails
+        batch, n = _batch(micro, rows), torch.tensor(7.0)
+        torch.testing.assert_close(graphs.step(step, batch, n), _linear_step(eager)(batch, n))
+    assert graphs.off is not None and "out of memory in the warm-up" in graphs.off
+    for a, b in zip(eager.parameters(), graphed.parameters()):  # the warm-up's gradients were taken out
+        torch.testing.assert_close(b.grad, a.grad)
+
+
 def test_replays_accumulate_like_eager_steps_across_windows():
     capturer = EagerCapturer()
     _accumulation_matches_eager(capturer)
@@ -278,6 +305,78 @@ def test_graphed_training_trains_exactly_as_eager(method, accumulation, tiny_mod
     assert seen and seen == [
         r["tokens_seen"] for r in eager_tokens if "tokens_seen" in r
     ]  # padding not counted
+
+
+def _long_rows_data(path, rows=24):
+    """Rows of 10 to 400 words: batches of 3 rows take several static widths (256 to about 1,500)."""
+    rng = random.Random(1)
+    data = [
+        {
+            "instruction": f"Repeat the word {i}.",
+            "input": "",
+            "output": " ".join(["word"] * rng.randrange(10, 400)),
+        }
+        for i in range(rows)
+    ]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_likely_widths_are_captured_ahead_and_training_is_unchanged(tiny_model_dir, tmp_path, monkeypatch):
+    """At the first replayed step the widths random batches of this data take are captured (made of one
+    token, never trained on): later batches of those widths replay with no capture of their own, and the
+    run trains exactly as the eager one."""
+    data = _long_rows_data(tmp_path / "long.json")
+    common = dict(flash_attn="varlen", max_steps=5, per_device_train_batch_size=3, cutoff_len=512)
+    torch.manual_seed(0)
+    train(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **common)
+    capturer, log = EagerCapturer(), LogMessages()
+    logging.getLogger("tunesmith").addHandler(log)
+    try:
+        with monkeypatch.context() as m:
+            _graphed_training(m, capturer)
+            torch.manual_seed(0)
+            train(tiny_model_dir, data, tmp_path / "graphs", **common)
+    finally:
+        logging.getLogger("tunesmith").removeHandler(log)
+    ahead = [x for x in log.messages if "captured ahead" in x]
+    assert len(ahead) == 1, log.messages
+    n_ahead = int(ahead[0].split()[2])
+    assert n_ahead >= 2
+    assert capturer.replays == 4  # every step but the first
+    assert capturer.captures <= 1 + n_ahead + 1  # its own width, those ahead, at most one rare width later
+    eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
+    assert [x for _, x in graphs] == pytest.approx([x for _, x in eager], rel=1e-4)
+    a = load_safetensors(tmp_path / "eager" / "adapter_model.safetensors")
+    b = load_safetensors(tmp_path / "graphs" / "adapter_model.safetensors")
+    for key, w in a.items():
+        torch.testing.assert_close(b[key], w, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_likely_widths_cover_the_batches_of_the_data():
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(40, 300, 900), np.full(100, 2048)])
+    widths = likely_widths(lengths, 8, 8)
+    assert widths == sorted(widths) and all(w % 8 == 0 for w in widths)
+    assert all(static_width(w - 1, 8) == w for w in widths)  # grid sizes
+    batches = [static_width(int(lengths[rng.integers(0, 1000, 8)].sum()), 8) for _ in range(500)]
+    covered = sum(w in widths for w in batches) / len(batches)
+    assert covered > 0.99
+    few = likely_widths(lengths, 8, 8, limit=3)
+    assert len(few) == 3 and set(few) <= set(widths)
+    assert sum(w in few for w in batches) > 0.4 * len(batches)  # the most frequent three
+    assert likely_widths(np.array([], dtype=np.int64), 8) == []
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_width_rows_make_a_batch_of_that_width_with_a_padding_document(weights):
+    collate = CausalLMCollator(0, 8, boundaries=True, static_shapes=True)
+    real = collate(_rows([300, 410, 250]))  # 960 tokens -> 1024, a padding document
+    made = collate(width_rows(1024, 3, 7, weights))
+    assert made["input_ids"].shape == real["input_ids"].shape == (1, 1024)
+    assert shape_key({k: v for k, v in made.items() if k != "loss_weights"}, 1) == shape_key(real, 1)
+    assert ("loss_weights" in made) is weights
+    assert made["cu_seq_lens_q"].tolist()[:5] == [0, 341, 682, 1023, 1024]  # 3 rows, then 1 padding token
 
 
 def test_a_failed_capture_turns_graphs_off_and_training_goes_on(

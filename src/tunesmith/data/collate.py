@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -53,6 +54,42 @@ def grid_size(n: int, floor: int, steps_per_octave: int = STATIC_STEPS_PER_OCTAV
         return floor
     step = max(1, (1 << ((n - 1).bit_length() - 1)) // steps_per_octave)
     return -(-n // step) * step
+
+
+def static_width(total: int, multiple: int = 1) -> int:
+    """The width of a static-shape varlen batch of ``total`` tokens: the grid size, to a multiple."""
+    return -(-grid_size(total, STATIC_FLOORS["tokens"]) // multiple) * multiple
+
+
+def likely_widths(
+    lengths: np.ndarray, rows: int, multiple: int = 1, draws: int = 4096, limit: int = 48
+) -> list[int]:
+    """The static widths that batches of ``rows`` rows drawn at random from rows of ``lengths`` tokens
+    take, as ``draws`` draws (a fixed seed, no training randomness used) see them: a width that fewer
+    than about 1 batch in ``draws`` has may be missing. At most ``limit``, the most frequent, ascending."""
+    if len(lengths) == 0 or rows < 1:
+        return []
+    picks = np.random.default_rng(0).integers(0, len(lengths), size=(draws, rows))
+    totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
+    widths, counts = np.unique([static_width(int(t), multiple) for t in totals], return_counts=True)
+    keep = np.argsort(-counts, kind="stable")[:limit]
+    return sorted(int(w) for w in widths[keep])
+
+
+def width_rows(width: int, rows: int, token: int, weights: bool = False) -> list[dict[str, Any]]:
+    """``rows`` unpacked rows of ``token`` (every label trained) that a static-shape collator makes a batch
+    of ``width`` tokens (a grid size) with a padding document, as most real batches have: a batch of that
+    shape for capturing its CUDA graph ahead (`training.step_graphs`); its values are never trained on."""
+    total = width - 1  # rounds up to ``width`` (a grid size and a multiple), leaving one padding token
+    rows = max(1, min(rows, total // 2))
+    out: list[dict[str, Any]] = []
+    for i in range(rows):
+        n = total // rows + (i < total % rows)
+        row: dict[str, Any] = {"input_ids": [token] * n, "labels": [token] * n}
+        if weights:
+            row["weights"] = [1.0] * n
+        out.append(row)
+    return out
 
 
 def _pad(
@@ -180,7 +217,7 @@ class CausalLMCollator:
         m = self.pad_to_multiple_of
         length = -(-total // m) * m
         if self.static_shapes:
-            length = -(-grid_size(total, STATIC_FLOORS["tokens"]) // m) * m
+            length = static_width(total, m)
         pad = length - total
         ids: list[int] = []
         labels: list[int] = []

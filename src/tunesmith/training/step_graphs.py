@@ -159,40 +159,57 @@ class StepGraphs:
     def step(self, step: Step, inputs: dict[str, Any], num_items: Any, extra: tuple[Any, ...] = ()) -> Any:
         """The micro-batch's detached loss, its gradients added to the parameters' `.grad`; replayed when
         possible, else ``step`` eagerly (a new shape past ``max_graphs``, or after graphs failed)."""
-        if self.off is not None:
-            return step(inputs, num_items)
-        key = shape_key(inputs, num_items, extra)
-        graph = self.graphs.get(key)
+        graph = self._graph_for(step, inputs, num_items, extra)
         if graph is None:
-            if len(self.graphs) >= self.max_graphs:
-                if not self._full:
-                    logger.info(
-                        "cuda graphs: %d batch shapes captured; further shapes run eagerly", self.max_graphs
-                    )
-                    self._full = True
-                return step(inputs, num_items)
-            try:
-                graph = self._capture(step, inputs, num_items)
-            except Exception as e:  # noqa: BLE001 - any failure: train on eagerly, say why
-                self.off = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {_where(e)})"
-                if self.required:
-                    raise TunesmithError(
-                        f"cuda_graphs: true, but capturing a training step failed: {self.off}. Fix: remove "
-                        "cuda_graphs to train on without graphs (logged) where a step cannot be captured"
-                    ) from e
-                logger.warning("cuda graphs: off for the rest of the run, capturing a step failed (%s); "
-                               "training goes on without them. Fix: report it; cuda_graphs: false "
-                               "silences this", self.off)  # fmt: skip
-                self._bind_grads()  # the window's gradients stay .grad until zero_grad lets them go
-                self.graphs.clear()  # and the graphs' memory goes now
-                self.grads = None
-                return step(inputs, num_items)
-            self.graphs[key] = graph
+            return step(inputs, num_items)
         self._feed(graph, inputs, num_items)
         self._bind_grads()
         graph.replay()
         self.replays += 1
         return graph.loss.clone()  # the next replay rewrites graph.loss
+
+    def prepare(
+        self, step: Step, inputs: dict[str, Any], num_items: Any, extra: tuple[Any, ...] = ()
+    ) -> bool:
+        """Capture the graph of ``inputs``' shape now, without replaying it (nothing is trained): a later
+        batch of that shape replays at once. False when it cannot be captured (graphs off, or full)."""
+        return self._graph_for(step, inputs, num_items, extra) is not None
+
+    def _graph_for(
+        self, step: Step, inputs: dict[str, Any], num_items: Any, extra: tuple[Any, ...]
+    ) -> _Graph | None:
+        """The graph of this shape, captured now if it is new; None: run the step eagerly."""
+        if self.off is not None:
+            return None
+        key = shape_key(inputs, num_items, extra)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph
+        if len(self.graphs) >= self.max_graphs:
+            if not self._full:
+                logger.info(
+                    "cuda graphs: %d batch shapes captured; further shapes run eagerly", self.max_graphs
+                )
+                self._full = True
+            return None
+        try:
+            graph = self._capture(step, inputs, num_items)
+        except Exception as e:  # noqa: BLE001 - any failure: train on eagerly, say why
+            self.off = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {_where(e)})"
+            if self.required:
+                raise TunesmithError(
+                    f"cuda_graphs: true, but capturing a training step failed: {self.off}. Fix: remove "
+                    "cuda_graphs to train on without graphs (logged) where a step cannot be captured"
+                ) from e
+            logger.warning("cuda graphs: off for the rest of the run, capturing a step failed (%s); "
+                           "training goes on without them. Fix: report it; cuda_graphs: false "
+                           "silences this", self.off)  # fmt: skip
+            self._bind_grads()  # the window's gradients stay .grad until zero_grad lets them go
+            self.graphs.clear()  # and the graphs' memory goes now
+            self.grads = None
+            return None
+        self.graphs[key] = graph
+        return graph
 
     def _capture(self, step: Step, inputs: dict[str, Any], num_items: Any) -> _Graph:
         static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -212,8 +229,10 @@ class StepGraphs:
         try:
             if self.warm_up_every_shape or not self._warm:
                 snapshot = [g.clone() for g in self.grads]
-                self.capturer.warm_up(run)
-                torch._foreach_copy_(self.grads, snapshot)  # the warm-up's gradients are not the step's
+                try:
+                    self.capturer.warm_up(run)
+                finally:  # the warm-up's gradients (all or, if it failed, part) are not the step's
+                    torch._foreach_copy_(self.grads, snapshot)
                 self._warm = True
             replay = self.capturer.capture(run)
         finally:

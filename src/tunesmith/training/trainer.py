@@ -22,6 +22,7 @@ back.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Any
 
@@ -30,7 +31,14 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from tunesmith.data.collate import IGNORE_INDEX, LOSS_ROW_WEIGHTS, LOSS_ROWS, CausalLMCollator
+from tunesmith.data.collate import (
+    IGNORE_INDEX,
+    LOSS_ROW_WEIGHTS,
+    LOSS_ROWS,
+    CausalLMCollator,
+    likely_widths,
+    width_rows,
+)
 from tunesmith.errors import TunesmithError
 from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
@@ -73,6 +81,7 @@ class TunesmithTrainer(Trainer):
         self._graphs: StepGraphs | str | None = None  # decided at the second micro-batch: graphs, or why not
         # the training batches' collator when it differs from data_collator's (static shapes for CUDA graphs)
         self.train_collator: Any = None
+        self._captured_ahead = False  # the likely batch widths' graphs, captured at the first replayed step
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -89,7 +98,11 @@ class TunesmithTrainer(Trainer):
                     self.optimizer.train()
                 # without a token count HF divides the loss by the window's micro-batches (captured)
                 extra = (self.current_gradient_accumulation_steps,) if num_items_in_batch is None else ()
-                loss = graphs.step(partial(super().training_step, model), inputs, num_items_in_batch, extra)
+                step = partial(super().training_step, model)
+                if not self._captured_ahead:
+                    self._captured_ahead = True
+                    self._capture_ahead(graphs, step, inputs, num_items_in_batch, extra)
+                loss = graphs.step(step, inputs, num_items_in_batch, extra)
             else:
                 loss = super().training_step(model, inputs, num_items_in_batch)
         self.bundle.add_tokens(tokens)
@@ -127,6 +140,38 @@ class TunesmithTrainer(Trainer):
                 if self.cuda_graphs is None and torch.cuda.is_available():
                     logger.info("cuda graphs: off (%s)", self._graphs)
         return self._graphs if isinstance(self._graphs, StepGraphs) else None
+
+    def _capture_ahead(
+        self, graphs: StepGraphs, step: Any, inputs: dict[str, Any], num_items: Any, extra: tuple[Any, ...]
+    ) -> None:
+        """Capture now the graphs of the batch widths this run's batches will likely have (`likely_widths`,
+        from the data's row lengths), as inference servers capture theirs at start: a step that brings a
+        new width otherwise captures it there, at about the cost of an eager step, all through the run's
+        first hundred steps. Unpacked rows only (a packed batch's width hardly varies; its document count
+        does). The batches captured here are made of one token (`width_rows`) and are never trained on."""
+        collator, data = self.train_collator, self.train_dataset
+        if not isinstance(collator, CausalLMCollator) or not hasattr(data, "lengths"):
+            return
+        if "position_ids" in data[0]:
+            return
+        rows = self.args.per_device_train_batch_size
+        widths = likely_widths(data.lengths(), rows, collator.pad_to_multiple_of)
+        own = inputs["input_ids"].shape[-1]
+        weights = "loss_weights" in inputs
+        t0, done = time.perf_counter(), 0
+        for width in widths:
+            if width == own:
+                continue
+            batch = self._prepare_inputs(collator(width_rows(width, rows, collator.pad_token_id, weights)))
+            if not graphs.prepare(step, batch, num_items, extra):
+                return  # graphs went off (logged) or are full
+            done += 1
+        if done:
+            logger.info(
+                "cuda graphs: %d batch widths captured ahead (%d to %d tokens: the widths of %d rows drawn "
+                "at random from this data) in %.1f s; a batch of another width is captured when it comes",
+                done, widths[0], widths[-1], rows, time.perf_counter() - t0,
+            )  # fmt: skip
 
     def _layers_to_uncast(self, model: Any) -> list[Any]:
         """lora_casting.layers_to_uncast for this run (a DDP wrapper's modules() reaches the model's)."""
