@@ -220,6 +220,12 @@ def test_a_host_read_under_capture_turns_cuda_graphs_off_and_the_step_runs_eager
         torch.testing.assert_close(model.weight.grad, reference.weight.grad)
         assert torch.cuda.current_stream() == stream  # still the training's stream
         torch.cuda.synchronize()  # and CUDA works on
+        # random draws too: a failed capture left the CUDA generator capturing, and every later draw (a
+        # dropout, the varlen probe of the next run in this process) raised "Offset increment outside graph
+        # capture encountered unexpectedly" (seen on an H200, torch 2.11)
+        before = torch.cuda.get_rng_state()
+        torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5)
+        assert not torch.equal(torch.cuda.get_rng_state(), before)
 
 
 def test_a_replay_reads_the_new_batch_and_the_warm_up_leaves_no_gradient():

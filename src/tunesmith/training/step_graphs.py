@@ -76,6 +76,8 @@ class CudaCapturer:
         # the blocks eager steps left cached go back first, so the pool can take them: otherwise a run would
         # hold its activations twice, once in the allocator's cache and once in the graphs' pool
         torch.cuda.empty_cache()
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        rng = generator.clone_state()  # the generator's state before the capture, not capturing
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(self.pool, capture_error_mode="thread_local")
         try:
@@ -83,6 +85,10 @@ class CudaCapturer:
         except BaseException:
             with contextlib.suppress(Exception):  # end the invalidated capture; the step's error is raised
                 graph.capture_end()
+            # capture_end of an invalidated capture raises before it takes the generator out of capture
+            # mode, and every later random draw would fail ("Offset increment outside graph capture
+            # encountered unexpectedly"); graphs are off after this, so none reads the old state again
+            generator.graphsafe_set_state(rng)
             raise
         graph.capture_end()
         return graph.replay
