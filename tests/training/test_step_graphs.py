@@ -313,6 +313,23 @@ def test_graphed_training_trains_exactly_as_eager(method, accumulation, tiny_mod
     ]  # padding not counted
 
 
+def _eager_then_graphed(model, data, tmp_path, capturer, monkeypatch, **overrides) -> list[str]:
+    """Train eagerly into tmp_path/eager, then with graphs replayed by ``capturer`` into tmp_path/graphs
+    (varlen, same seed); the graphed run's tunesmith log messages."""
+    torch.manual_seed(0)
+    train(model, data, tmp_path / "eager", cuda_graphs=False, flash_attn="varlen", **overrides)
+    log = LogMessages()
+    logging.getLogger("tunesmith").addHandler(log)
+    try:
+        with monkeypatch.context() as m:
+            _graphed_training(m, capturer)
+            torch.manual_seed(0)
+            train(model, data, tmp_path / "graphs", flash_attn="varlen", **overrides)
+    finally:
+        logging.getLogger("tunesmith").removeHandler(log)
+    return log.messages
+
+
 def _long_rows_data(path, rows=24):
     """Rows of 10 to 400 words: batches of 3 rows take several static widths (256 to about 1,500)."""
     rng = random.Random(1)
@@ -333,20 +350,11 @@ def test_likely_widths_are_captured_ahead_and_training_is_unchanged(tiny_model_d
     token, never trained on): later batches of those widths replay with no capture of their own, and the
     run trains exactly as the eager one."""
     data = _long_rows_data(tmp_path / "long.json")
-    common = dict(flash_attn="varlen", max_steps=5, per_device_train_batch_size=3, cutoff_len=512)
-    torch.manual_seed(0)
-    train(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **common)
-    capturer, log = EagerCapturer(), LogMessages()
-    logging.getLogger("tunesmith").addHandler(log)
-    try:
-        with monkeypatch.context() as m:
-            _graphed_training(m, capturer)
-            torch.manual_seed(0)
-            train(tiny_model_dir, data, tmp_path / "graphs", **common)
-    finally:
-        logging.getLogger("tunesmith").removeHandler(log)
-    ahead = [x for x in log.messages if "captured ahead" in x]
-    assert len(ahead) == 1, log.messages
+    capturer = EagerCapturer()
+    common = dict(max_steps=5, per_device_train_batch_size=3, cutoff_len=512)
+    messages = _eager_then_graphed(tiny_model_dir, data, tmp_path, capturer, monkeypatch, **common)
+    ahead = [x for x in messages if "captured ahead" in x]
+    assert len(ahead) == 1, messages
     n_ahead = int(ahead[0].split()[2])
     assert n_ahead >= 2
     assert capturer.replays == 4  # every step but the first
@@ -388,20 +396,10 @@ def test_width_rows_make_a_batch_of_that_width_with_a_padding_document(weights):
 def test_a_failed_capture_turns_graphs_off_and_training_goes_on(
     tiny_model_dir, sft_data, tmp_path, monkeypatch
 ):
-    common = dict(flash_attn="varlen", max_steps=3, per_device_train_batch_size=3)
-    torch.manual_seed(0)
-    train(tiny_model_dir, sft_data, tmp_path / "eager", cuda_graphs=False, **common)
     capturer = EagerCapturer(fail=True)
-    log = LogMessages()
-    logging.getLogger("tunesmith").addHandler(log)
-    try:
-        with monkeypatch.context() as m:
-            _graphed_training(m, capturer)
-            torch.manual_seed(0)
-            train(tiny_model_dir, sft_data, tmp_path / "graphs", **common)
-    finally:
-        logging.getLogger("tunesmith").removeHandler(log)
-    off = [x for x in log.messages if x.startswith("cuda graphs: off for the rest of the run")]
+    common = dict(max_steps=3, per_device_train_batch_size=3)
+    messages = _eager_then_graphed(tiny_model_dir, sft_data, tmp_path, capturer, monkeypatch, **common)
+    off = [x for x in messages if x.startswith("cuda graphs: off for the rest of the run")]
     assert len(off) == 1 and "operation not permitted when stream is capturing" in off[0]
     assert capturer.replays == 0
     eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
