@@ -248,12 +248,9 @@ def cuda_graph_obstacles(v: Mapping[str, Any], hf: Mapping[str, Any]) -> list[st
     optim = str(hf.get("optim", ""))
     found = {
         "cuda_graphs: false": v["cuda_graphs"] is False,
-        # a captured step holds a second copy of the gradients until it adds them up: measured for LoRA only
-        "finetuning_type: full (graphs hold a second copy of its gradients; cuda_graphs: true turns them on)": v[
-            "cuda_graphs"
-        ]
-        is None
-        and v["finetuning_type"] == "full",
+        # measured for LoRA only (gradients accumulate in place: graphs hold no second copy of them)
+        "finetuning_type: full (full fine-tuning is not measured with graphs yet; cuda_graphs: true turns "
+        "them on)": v["cuda_graphs"] is None and v["finetuning_type"] == "full",
         f"stage {v['stage']} (graphs replay pt and sft steps)": v["stage"] not in ("pt", "sft"),
         f"flash_attn: {v['flash_attn']} (graphs need varlen's document boundaries)": v["flash_attn"]
         not in ("auto", "varlen"),

@@ -24,7 +24,9 @@ from tunesmith.data.collate import (
     CausalLMCollator,
     grid_size,
     likely_widths,
+    static_loss_size,
     static_width,
+    trained_fraction,
     width_rows,
 )
 from tunesmith.training.step_graphs import StepGraphs, shape_key
@@ -38,6 +40,7 @@ class EagerCapturer:
         self.captures = 0
         self.warm_ups = 0
         self.replays = 0
+        self.events: list[str] = []  # "capture" and "replay N" (of the N-th capture's graph), in order
 
     def warm_up(self, fn):
         self.warm_ups += 1
@@ -47,9 +50,12 @@ class EagerCapturer:
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
+        self.events.append("capture")
+        index = self.captures
 
         def replay():
             self.replays += 1
+            self.events.append(f"replay {index}")
             fn()
 
         return replay
@@ -179,6 +185,26 @@ def test_a_warm_up_that_fails_after_its_backward_leaves_the_window_gradients_as_
     assert graphs.off is not None and "out of memory in the warm-up" in graphs.off
     for a, b in zip(eager.parameters(), graphed.parameters()):  # the warm-up's gradients were taken out
         torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_prepare_captures_without_training_and_a_later_step_replays_it():
+    torch.manual_seed(0)
+    eager, graphed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    graphed.load_state_dict(eager.state_dict())
+    capturer = EagerCapturer()
+    graphs = StepGraphs(list(graphed.parameters()), capturer)
+    step = _linear_step(graphed)
+    assert graphs.prepare(step, _batch(9, 6), torch.tensor(7.0))  # a width ahead: captured, not run
+    assert capturer.captures == 1 and capturer.replays == 0
+    assert all(p.grad is None for p in graphed.parameters())  # the warm-up's gradients were taken out
+    for micro, rows in enumerate((4, 6)):
+        batch, n = _batch(micro, rows), torch.tensor(7.0)
+        torch.testing.assert_close(graphs.step(step, batch, n), _linear_step(eager)(batch, n))
+    assert capturer.captures == 2 and capturer.events[-1] == "replay 1"  # the 6-row batch: no new capture
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+    off = StepGraphs(list(graphed.parameters()), EagerCapturer(fail=True))
+    assert not off.prepare(step, _batch(1, 4), torch.tensor(7.0)) and off.off is not None
 
 
 def test_replays_accumulate_like_eager_steps_across_windows():
@@ -330,35 +356,46 @@ def _eager_then_graphed(model, data, tmp_path, capturer, monkeypatch, **override
     return log.messages
 
 
-def _long_rows_data(path, rows=24):
-    """Rows of 10 to 400 words: batches of 3 rows take several static widths (256 to about 1,500)."""
+def _long_rows_data(path, rows=24, long_prompts=False):
+    """Rows of 10 to 400 words: batches of 3 rows take several static widths (256 to about 1,500); with
+    ``long_prompts`` the words are in the prompt and the answer is one word (a small trained share)."""
     rng = random.Random(1)
-    data = [
-        {
-            "instruction": f"Repeat the word {i}.",
-            "input": "",
-            "output": " ".join(["word"] * rng.randrange(10, 400)),
-        }
-        for i in range(rows)
-    ]
+    data = []
+    for i in range(rows):
+        words = " ".join(["word"] * rng.randrange(10, 400))
+        prompt, answer = (words, f"{i}") if long_prompts else (f"Repeat the word {i}.", words)
+        data.append({"instruction": prompt, "input": "", "output": answer})
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
-def test_likely_widths_are_captured_ahead_and_training_is_unchanged(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("long_prompts", [False, True], ids=["long-answers", "long-prompts"])
+def test_likely_widths_are_captured_ahead_and_training_is_unchanged(long_prompts, tiny_model_dir, tmp_path, monkeypatch):  # fmt: skip
     """At the first replayed step the widths random batches of this data take are captured (made of one
     token, never trained on): later batches of those widths replay with no capture of their own, and the
-    run trains exactly as the eager one."""
-    data = _long_rows_data(tmp_path / "long.json")
+    run trains exactly as the eager one. With long prompts the loss rows are padded to the data's trained
+    share of the width, not to the width."""
+    import tunesmith.data.collate as collate_module
+
+    data = _long_rows_data(tmp_path / "long.json", long_prompts=long_prompts)
+    fractions = []
+    real = collate_module.trained_fraction
+    monkeypatch.setattr(
+        collate_module, "trained_fraction", lambda *a, **k: fractions.append(real(*a, **k)) or fractions[-1]
+    )
     capturer = EagerCapturer()
-    common = dict(max_steps=5, per_device_train_batch_size=3, cutoff_len=512)
+    common = dict(max_steps=12, per_device_train_batch_size=3, cutoff_len=512)
     messages = _eager_then_graphed(tiny_model_dir, data, tmp_path, capturer, monkeypatch, **common)
     ahead = [x for x in messages if "captured ahead" in x]
     assert len(ahead) == 1, messages
     n_ahead = int(ahead[0].split()[2])
-    assert n_ahead >= 2
-    assert capturer.replays == 4  # every step but the first
-    assert capturer.captures <= 1 + n_ahead + 1  # its own width, those ahead, at most one rare width later
+    assert n_ahead >= 1
+    assert capturer.replays == 11  # every step but the first
+    first = next(i for i, e in enumerate(capturer.events) if e.startswith("replay"))
+    assert capturer.events[:first] == ["capture"] * (1 + n_ahead)  # its own width, then those ahead
+    ahead = {f"replay {i}" for i in range(2, 2 + n_ahead)}
+    assert sum(e in ahead for e in capturer.events) >= 3  # later batches replayed graphs captured ahead
+    assert len(fractions) == 1 and (fractions[0] < 0.25 if long_prompts else fractions[0] > 0.5)
     eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
     assert [x for _, x in graphs] == pytest.approx([x for _, x in eager], rel=1e-4)
     a = load_safetensors(tmp_path / "eager" / "adapter_model.safetensors")
@@ -367,11 +404,40 @@ def test_likely_widths_are_captured_ahead_and_training_is_unchanged(tiny_model_d
         torch.testing.assert_close(b[key], w, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_loss_rows_follow_the_trained_share_of_the_width():
+    rows = _rows([300, 410, 250])  # 960 tokens -> 1024 wide, about 2/3 trained
+    wide = CausalLMCollator(0, 8, boundaries=True, static_shapes=True)(rows)
+    assert wide[LOSS_ROWS].numel() == 1024  # fraction 1.0: the width
+    narrow = CausalLMCollator(0, 8, boundaries=True, static_shapes=True, loss_rows_fraction=0.7)(rows)
+    n = len(wide[LOSS_ROWS]) - int((wide[LOSS_ROW_WEIGHTS] == 0).sum())
+    assert narrow[LOSS_ROWS].numel() == static_loss_size(1024, 0.7) == 768 >= n
+    assert narrow[LOSS_ROWS][:n].tolist() == wide[LOSS_ROWS][:n].tolist()
+    assert narrow[LOSS_ROW_WEIGHTS].sum() == n
+    over = CausalLMCollator(0, 8, boundaries=True, static_shapes=True, loss_rows_fraction=0.3)(rows)
+    assert over[LOSS_ROWS].numel() == 1024  # more targets than the share: the width (one more shape)
+    assert static_loss_size(300, 0.01) == 64 and static_loss_size(4096, 1.0) == 4096
+
+
+def test_trained_fraction_is_the_largest_trained_share_of_a_batch_width():
+    lengths = np.array([100, 200, 300, 400] * 50)
+    assert trained_fraction(lengths, lengths // 10, 4, 8) <= 0.1 + 1e-9
+    assert trained_fraction(lengths, lengths // 10, 4, 8) > 0.05
+    assert trained_fraction(lengths, lengths, 4, 8) <= 1.0
+    assert trained_fraction(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 4) == 1.0
+
+
+def test_likely_widths_keep_those_expected_in_the_run():
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(40, 300, 900), np.full(100, 2048)])
+    every, short = likely_widths(lengths, 8, 8), likely_widths(lengths, 8, 8, batches=20)
+    assert set(short) < set(every) and short  # a 20-step run: only the widths of at least 1 in 20 batches
+
+
 def test_likely_widths_cover_the_batches_of_the_data():
     rng = np.random.default_rng(3)
     lengths = np.concatenate([rng.integers(40, 300, 900), np.full(100, 2048)])
     widths = likely_widths(lengths, 8, 8)
-    assert widths == sorted(widths) and all(w % 8 == 0 for w in widths)
+    assert all(w % 8 == 0 for w in widths)
     assert all(static_width(w - 1, 8) == w for w in widths)  # grid sizes
     batches = [static_width(int(lengths[rng.integers(0, 1000, 8)].sum()), 8) for _ in range(500)]
     covered = sum(w in widths for w in batches) / len(batches)

@@ -21,6 +21,7 @@ documents. tests/training/test_invariants.py proves packed == unpacked losses.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +39,13 @@ LOSS_ROW_WEIGHTS = "loss_row_weights"
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # Static shapes: token and document counts on a grid of this many steps per doubling, from these floors, so
 # the batches of a run fall in few shapes (each one CUDA graph, `training.step_graphs`) with padding under 1/4
-# of the tokens. The loss rows are padded to the batch's width, not to a grid of their own: a batch's shape is
-# then its width alone. On the bench's default LoRA data (8 rows of 60-2,048 tokens a step) that is 11 shapes
+# of the tokens. The loss rows are padded to a fixed share of the batch's width (the most any batch of the
+# data needs, `trained_fraction`), not to a grid of their own: a batch's shape is then its width alone. On the bench's default LoRA data (8 rows of 60-2,048 tokens a step) that is 11 shapes
 # in 60 steps, 5 of them first seen after step 10, against 28 and 21 with 8 steps per doubling and the loss
 # rows on their own grid (simulated from the data's lengths; 21 was also what the GPU run captured), for 9.5%
 # padded tokens and 1.25 head rows per trained token (5.0% and 1.06 before).
 STATIC_STEPS_PER_OCTAVE = 4
-STATIC_FLOORS = {"tokens": 256, "documents": 16}  # 16: a batch of up to 15 rows has one count
+STATIC_FLOORS = {"tokens": 256, "documents": 16, "rows": 64}  # 16: up to 15 rows have one count
 
 
 def grid_size(n: int, floor: int, steps_per_octave: int = STATIC_STEPS_PER_OCTAVE) -> int:
@@ -61,19 +62,55 @@ def static_width(total: int, multiple: int = 1) -> int:
     return -(-grid_size(total, STATIC_FLOORS["tokens"]) // multiple) * multiple
 
 
+def _draws(lengths: np.ndarray, rows: int, draws: int) -> np.ndarray:
+    """Row indices of ``draws`` batches of ``rows`` rows drawn at random (a fixed seed: no training
+    randomness is used)."""
+    return np.random.default_rng(0).integers(0, len(lengths), size=(draws, rows))
+
+
 def likely_widths(
-    lengths: np.ndarray, rows: int, multiple: int = 1, draws: int = 4096, limit: int = 48
+    lengths: np.ndarray,
+    rows: int,
+    multiple: int = 1,
+    draws: int = 4096,
+    limit: int = 48,
+    batches: int | None = None,
 ) -> list[int]:
     """The static widths that batches of ``rows`` rows drawn at random from rows of ``lengths`` tokens
-    take, as ``draws`` draws (a fixed seed, no training randomness used) see them: a width that fewer
-    than about 1 batch in ``draws`` has may be missing. At most ``limit``, the most frequent, ascending."""
+    take, as ``draws`` draws see them: a width that fewer than about 1 batch in ``draws`` has may be
+    missing. With ``batches`` (the run's micro-batches), only the widths expected at least once in the run.
+    At most ``limit``, the most frequent, ascending."""
     if len(lengths) == 0 or rows < 1:
         return []
-    picks = np.random.default_rng(0).integers(0, len(lengths), size=(draws, rows))
-    totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
+    totals = np.asarray(lengths, dtype=np.int64)[_draws(lengths, rows, draws)].sum(axis=1)
     widths, counts = np.unique([static_width(int(t), multiple) for t in totals], return_counts=True)
+    if batches is not None:
+        often = counts * batches >= draws  # expected count over the run >= 1
+        widths, counts = widths[often], counts[often]
     keep = np.argsort(-counts, kind="stable")[:limit]
     return sorted(int(w) for w in widths[keep])
+
+
+def trained_fraction(
+    lengths: np.ndarray, trained: np.ndarray, rows: int, multiple: int = 1, draws: int = 4096
+) -> float:
+    """The largest share of a static batch's width that its trained tokens take, over ``draws`` batches of
+    ``rows`` rows drawn at random (``trained``: each row's trained tokens): the loss rows of a static batch
+    are padded to this share of its width (`static_loss_size`), not to the whole width, so data with long
+    prompts and short answers does not send every prompt token through the LM head. 1.0 without rows."""
+    if len(lengths) == 0 or rows < 1:
+        return 1.0
+    picks = _draws(lengths, rows, draws)
+    totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
+    targets = np.asarray(trained, dtype=np.int64)[picks].sum(axis=1)
+    widths = np.array([static_width(int(t), multiple) for t in totals])
+    return float(min(1.0, (targets / widths).max()))
+
+
+def static_loss_size(width: int, fraction: float) -> int:
+    """The loss rows of a static batch of ``width`` tokens: ``fraction`` of the width on the grid, at most
+    the width (a batch with more trained tokens takes the width: correct, one more shape)."""
+    return min(width, grid_size(math.ceil(width * fraction), STATIC_FLOORS["rows"]))
 
 
 def width_rows(width: int, rows: int, token: int, weights: bool = False) -> list[dict[str, Any]]:
@@ -137,7 +174,7 @@ def loss_rows(labels: torch.Tensor) -> torch.Tensor:
 
 
 def static_loss_rows(rows: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-    """`LOSS_ROWS` padded to ``size`` rows (the batch's width) with copies of the first (a position with a
+    """`LOSS_ROWS` padded to ``size`` rows (`static_loss_size`) with copies of the first (a position with a
     real target, so the loss takes them as they are) and `LOSS_ROW_WEIGHTS` that zero the copies. No rows:
     none added."""
     n = rows.numel()
@@ -165,6 +202,8 @@ class CausalLMCollator:
     boundaries: bool = False
     # with boundaries: every size on a grid (`grid_size`), so a CUDA graph per shape can replay the step
     static_shapes: bool = False
+    # static shapes: the loss rows are padded to this share of the width (`trained_fraction` of the data)
+    loss_rows_fraction: float = 1.0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if self.boundaries:
@@ -208,8 +247,9 @@ class CausalLMCollator:
 
         With ``static_shapes`` the row is padded to `grid_size` tokens (one more document, labels -100), the
         boundaries get empty documents up to `grid_size` documents with the length as the longest, and the
-        loss rows are padded to the length with zero-weight copies (`static_loss_rows`): the same losses in
-        one of few shapes, one per length, so a CUDA graph captured for a shape replays its later batches
+        loss rows are padded with zero-weight copies (`static_loss_rows`) to ``loss_rows_fraction`` of the
+        length (`static_loss_size`; the length for a batch with more targets): the same losses in one of
+        few shapes, in effect one per length, so a CUDA graph captured for a shape replays its later batches
         (`training.step_graphs`)."""
         packed = "position_ids" in features[0]
         lens = [len(f["input_ids"]) for f in features]
@@ -252,7 +292,9 @@ class CausalLMCollator:
         }
         batch[LOSS_ROWS] = loss_rows(batch["labels"])
         if self.static_shapes:
-            batch.update(static_loss_rows(batch[LOSS_ROWS], length))
+            size = static_loss_size(length, self.loss_rows_fraction)
+            size = size if batch[LOSS_ROWS].numel() <= size else length
+            batch.update(static_loss_rows(batch[LOSS_ROWS], size))
         if any(f.get("weights") is not None for f in features):
             w: list[float] = []
             for f, n in zip(features, lens):

@@ -149,13 +149,26 @@ class TunesmithTrainer(Trainer):
         new width otherwise captures it there, at about the cost of an eager step, all through the run's
         first hundred steps. Unpacked rows only (a packed batch's width hardly varies; its document count
         does). The batches captured here are made of one token (`width_rows`) and are never trained on."""
+        try:
+            self._capture_widths_ahead(graphs, step, inputs, num_items, extra)
+        except TunesmithError:  # cuda_graphs: true and a capture failed: the run stops, as for any capture
+            raise
+        except Exception as e:  # noqa: BLE001 - a speed-up only: batches of a new width are captured as they come
+            logger.warning("cuda graphs: capturing batch widths ahead failed (%s: %s); widths are captured as "
+                           "batches bring them", type(e).__name__, e)  # fmt: skip
+
+    def _capture_widths_ahead(
+        self, graphs: StepGraphs, step: Any, inputs: dict[str, Any], num_items: Any, extra: tuple[Any, ...]
+    ) -> None:
         collator, data = self.train_collator, self.train_dataset
-        if not isinstance(collator, CausalLMCollator) or not hasattr(data, "lengths"):
+        if not isinstance(collator, CausalLMCollator) or not hasattr(data, "lengths") or not len(data):
             return
         if "position_ids" in data[0]:
             return
-        rows = self.args.per_device_train_batch_size
-        widths = likely_widths(data.lengths(), rows, collator.pad_to_multiple_of)
+        rows = min(self._train_batch_size, len(data))
+        left = self.state.max_steps - self.state.global_step  # the run's steps still to come
+        batches = left * self.args.gradient_accumulation_steps if self.state.max_steps else None
+        widths = likely_widths(data.lengths(), rows, collator.pad_to_multiple_of, batches=batches)
         own = inputs["input_ids"].shape[-1]
         weights = "loss_weights" in inputs
         t0, done = time.perf_counter(), 0
@@ -168,8 +181,9 @@ class TunesmithTrainer(Trainer):
             done += 1
         if done:
             logger.info(
-                "cuda graphs: %d batch widths captured ahead (%d to %d tokens: the widths of %d rows drawn "
-                "at random from this data) in %.1f s; a batch of another width is captured when it comes",
+                "cuda graphs: %d batch widths captured ahead (%d to %d tokens: the widths that batches of %d "
+                "rows drawn at random from this data take, those expected at least once in the run) in %.1f s; "
+                "a batch of another width is captured when it comes",
                 done, widths[0], widths[-1], rows, time.perf_counter() - t0,
             )  # fmt: skip
 
