@@ -125,6 +125,14 @@ def test_a_batch_without_targets_gets_no_padding_rows():
     assert batch[LOSS_ROWS].numel() == 0 and LOSS_ROW_WEIGHTS not in batch  # such a batch runs eagerly
 
 
+def _twin_linears():
+    """Two Linear(3, 2) with the same weights (the second loads the first's), seeded."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
 def _linear_step(model, sync: bool = False):
     def step(inputs, num_items):
         loss = ((model(inputs["x"]) - inputs["y"]) ** 2).sum() / num_items
@@ -174,9 +182,7 @@ class WarmUpFailsLate(EagerCapturer):
 
 
 def test_a_warm_up_that_fails_after_its_backward_leaves_the_window_gradients_as_they_were():
-    torch.manual_seed(0)
-    eager, graphed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    graphed.load_state_dict(eager.state_dict())
+    eager, graphed = _twin_linears()
     graphs = StepGraphs(list(graphed.parameters()), WarmUpFailsLate(), warm_up_every_shape=True)
     step = _linear_step(graphed)
     for micro, rows in enumerate((4, 6)):  # one window: a replayed micro-batch, then a new shape that fails
@@ -188,9 +194,7 @@ def test_a_warm_up_that_fails_after_its_backward_leaves_the_window_gradients_as_
 
 
 def test_prepare_captures_without_training_and_a_later_step_replays_it():
-    torch.manual_seed(0)
-    eager, graphed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    graphed.load_state_dict(eager.state_dict())
+    eager, graphed = _twin_linears()
     capturer = EagerCapturer()
     graphs = StepGraphs(list(graphed.parameters()), capturer)
     step = _linear_step(graphed)
@@ -606,9 +610,7 @@ def test_a_required_capture_that_fails_stops_the_run():
 
 
 def test_a_failed_capture_frees_the_graphs_and_keeps_the_window():
-    torch.manual_seed(0)
-    model, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    reference.load_state_dict(model.state_dict())
+    reference, model = _twin_linears()
     capturer = EagerCapturer()
     graphs = StepGraphs(list(model.parameters()), capturer)
     graphs.step(_linear_step(model), _batch(1), 2.0)  # captured and replayed
