@@ -20,3 +20,5 @@ def test_trained_counts_are_each_rows_targets_after_its_first_token(tmp_path):
     assert int(counts.sum()) == data.supervised_tokens()
     assert data.lengths().tolist() == [4, 2, 1, 3]
     assert counts.dtype == np.int64
+    assert data.trained_counts(np.array([3, 0])).tolist() == [1, 3]  # only the rows asked for
+    assert data.trained_counts(np.array([], dtype=np.int64)).tolist() == []

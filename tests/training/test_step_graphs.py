@@ -396,9 +396,10 @@ def test_likely_widths_are_captured_ahead_and_training_is_unchanged(long_prompts
     assert n_ahead >= 1
     assert capturer.replays == 11  # every step but the first
     first = next(i for i, e in enumerate(capturer.events) if e.startswith("replay"))
-    assert capturer.events[:first] == ["capture"] * (1 + n_ahead)  # its own width, then those ahead
-    ahead = {f"replay {i}" for i in range(2, 2 + n_ahead)}
+    assert capturer.events[:first] == ["capture"] * (n_ahead + 1)  # those ahead, then the batch's own
+    ahead = {f"replay {i}" for i in range(1, n_ahead + 1)}
     assert sum(e in ahead for e in capturer.events) >= 3  # later batches replayed graphs captured ahead
+    assert capturer.captures <= n_ahead + 1 + 2  # at most two rarer widths captured when they came
     assert len(fractions) == 1 and (fractions[0] < 0.25 if long_prompts else fractions[0] > 0.5)
     eager, graphs = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "graphs")
     assert [x for _, x in graphs] == pytest.approx([x for _, x in eager], rel=1e-4)
@@ -418,16 +419,26 @@ def test_loss_rows_follow_the_trained_share_of_the_width():
     assert narrow[LOSS_ROWS][:n].tolist() == wide[LOSS_ROWS][:n].tolist()
     assert narrow[LOSS_ROW_WEIGHTS].sum() == n
     over = CausalLMCollator(0, 8, boundaries=True, static_shapes=True, loss_rows_fraction=0.3)(rows)
-    assert over[LOSS_ROWS].numel() == 1024  # more targets than the share: the width (one more shape)
+    assert over[LOSS_ROWS].numel() == over[LOSS_ROW_WEIGHTS].numel() == 1024  # over the share: the width
     assert static_loss_size(300, 0.01) == 64 and static_loss_size(4096, 1.0) == 4096
 
 
 def test_trained_fraction_is_the_largest_trained_share_of_a_batch_width():
-    lengths = np.array([100, 200, 300, 400] * 50)
-    assert trained_fraction(lengths, lengths // 10, 4, 8) <= 0.1 + 1e-9
-    assert trained_fraction(lengths, lengths // 10, 4, 8) > 0.05
-    assert trained_fraction(lengths, lengths, 4, 8) <= 1.0
-    assert trained_fraction(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 4) == 1.0
+    lengths = np.full(200, 100)
+    trained = np.full(200, 5)
+    trained[0] = 99  # one row all answer: a batch holding it trains (99 + 3 x 5) of 448 (400 on the grid)
+    asked = []
+
+    def trained_of(rows):
+        asked.append(rows)
+        return trained[rows]
+
+    assert trained_fraction(lengths, trained_of, 4, 8) == pytest.approx(
+        114 / 448
+    )  # the largest, not the mean
+    assert len(asked) == 1 and len(set(asked[0].tolist())) == len(asked[0]) <= 200  # drawn rows, each once
+    assert trained_fraction(lengths, lambda rows: lengths[rows], 4, 8) <= 1.0
+    assert trained_fraction(np.array([], dtype=np.int64), trained_of, 4) == 1.0
 
 
 def test_likely_widths_keep_those_expected_in_the_run():
@@ -461,6 +472,10 @@ def test_width_rows_make_a_batch_of_that_width_with_a_padding_document(weights):
     assert shape_key({k: v for k, v in made.items() if k != "loss_weights"}, 1) == shape_key(real, 1)
     assert ("loss_weights" in made) is weights
     assert made["cu_seq_lens_q"].tolist()[:5] == [0, 341, 682, 1023, 1024]  # 3 rows, then 1 padding token
+    # with the loss rows at a share of the width, the made batch still has a real batch's shape
+    share = CausalLMCollator(0, 8, boundaries=True, static_shapes=True, loss_rows_fraction=0.7)
+    real, made = share(_rows([300, 410, 250])), share(width_rows(1024, 3, 7, weights))
+    assert made[LOSS_ROWS].shape == real[LOSS_ROWS].shape == (static_loss_size(1024, 0.7),)
 
 
 def test_a_failed_capture_turns_graphs_off_and_training_goes_on(

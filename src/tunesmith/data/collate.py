@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +40,11 @@ BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 # Static shapes: token and document counts on a grid of this many steps per doubling, from these floors, so
 # the batches of a run fall in few shapes (each one CUDA graph, `training.step_graphs`) with padding under 1/4
 # of the tokens. The loss rows are padded to a fixed share of the batch's width (the most any batch of the
-# data needs, `trained_fraction`), not to a grid of their own: a batch's shape is then its width alone. On the bench's default LoRA data (8 rows of 60-2,048 tokens a step) that is 11 shapes
-# in 60 steps, 5 of them first seen after step 10, against 28 and 21 with 8 steps per doubling and the loss
-# rows on their own grid (simulated from the data's lengths; 21 was also what the GPU run captured), for 9.5%
-# padded tokens and 1.25 head rows per trained token (5.0% and 1.06 before).
+# data needs, `trained_fraction`), not to a grid of their own: a batch's shape is then its width alone. On the
+# bench's default LoRA data (8 rows of 60-2,048 tokens a step, a trained share of 0.92, which rounds up to the
+# width) that is 11 shapes in 60 steps, 5 of them first seen after step 10, against 28 and 21 with 8 steps per
+# doubling and the loss rows on their own grid (simulated from the data's lengths; 21 was also what the GPU
+# run captured), for 9.5% padded tokens (5.0% before).
 STATIC_STEPS_PER_OCTAVE = 4
 STATIC_FLOORS = {"tokens": 256, "documents": 16, "rows": 64}  # 16: up to 15 rows have one count
 
@@ -92,17 +93,23 @@ def likely_widths(
 
 
 def trained_fraction(
-    lengths: np.ndarray, trained: np.ndarray, rows: int, multiple: int = 1, draws: int = 4096
+    lengths: np.ndarray,
+    trained_of: Callable[[np.ndarray], np.ndarray],
+    rows: int,
+    multiple: int = 1,
+    draws: int = 4096,
 ) -> float:
     """The largest share of a static batch's width that its trained tokens take, over ``draws`` batches of
-    ``rows`` rows drawn at random (``trained``: each row's trained tokens): the loss rows of a static batch
-    are padded to this share of its width (`static_loss_size`), not to the whole width, so data with long
-    prompts and short answers does not send every prompt token through the LM head. 1.0 without rows."""
+    ``rows`` rows drawn at random (``trained_of(indices)``: those rows' trained tokens, asked only for the
+    drawn rows): the loss rows of a static batch are padded to this share of its width (`static_loss_size`),
+    not to the whole width, so data with long prompts and short answers does not send every prompt token
+    through the LM head. 1.0 without rows."""
     if len(lengths) == 0 or rows < 1:
         return 1.0
     picks = _draws(lengths, rows, draws)
+    drawn, where = np.unique(picks, return_inverse=True)
+    targets = np.asarray(trained_of(drawn), dtype=np.int64)[where.reshape(picks.shape)].sum(axis=1)
     totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
-    targets = np.asarray(trained, dtype=np.int64)[picks].sum(axis=1)
     widths = np.array([static_width(int(t), multiple) for t in totals])
     return float(min(1.0, (targets / widths).max()))
 
@@ -114,15 +121,20 @@ def static_loss_size(width: int, fraction: float) -> int:
 
 
 def width_rows(width: int, rows: int, token: int, weights: bool = False) -> list[dict[str, Any]]:
-    """``rows`` unpacked rows of ``token`` (every label trained) that a static-shape collator makes a batch
-    of ``width`` tokens (a grid size) with a padding document, as most real batches have: a batch of that
-    shape for capturing its CUDA graph ahead (`training.step_graphs`); its values are never trained on."""
+    """``rows`` unpacked rows of ``token`` that a static-shape collator makes a batch of ``width`` tokens (a
+    grid size) with a padding document, as most real batches have, and one target: its loss rows are then
+    padded to the size every batch of that width within the data's trained share gets (`static_loss_size`),
+    so the batch has the shape of the real ones. For capturing a CUDA graph ahead (`training.step_graphs`);
+    its values are never trained on."""
     total = width - 1  # rounds up to ``width`` (a grid size and a multiple), leaving one padding token
     rows = max(1, min(rows, total // 2))
     out: list[dict[str, Any]] = []
     for i in range(rows):
         n = total // rows + (i < total % rows)
-        row: dict[str, Any] = {"input_ids": [token] * n, "labels": [token] * n}
+        labels = [IGNORE_INDEX] * n
+        if i == 0:
+            labels[-1] = token  # the one target (a row's first label is never one)
+        row: dict[str, Any] = {"input_ids": [token] * n, "labels": labels}
         if weights:
             row["weights"] = [1.0] * n
         out.append(row)

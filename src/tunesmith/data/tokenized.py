@@ -84,14 +84,18 @@ class TokenDataset:
         flat = pc.list_flatten(pc.list_slice(self.table.column(column), 1))
         return int(pc.sum(pc.not_equal(flat, -100)).as_py() or 0)
 
-    def trained_counts(self, column: str = "labels") -> np.ndarray:
-        """Tokens that carry a loss term in every row (label != -100, the row's first token excluded, as
-        `supervised_tokens` counts them)."""
-        if column not in self.table.column_names or not len(self):
-            return np.zeros(len(self), dtype=np.int64)
-        rows = pc.list_slice(self.table.column(column), 1)
-        sizes = np.asarray(pc.list_value_length(rows).to_numpy(zero_copy_only=False), dtype=np.int64)
-        flat = pc.not_equal(pc.list_flatten(rows), -100).to_numpy(zero_copy_only=False)
+    def trained_counts(self, rows: np.ndarray | None = None, column: str = "labels") -> np.ndarray:
+        """Tokens that carry a loss term in each row (label != -100, the row's first token excluded, as
+        `supervised_tokens` counts them): of every row, or of ``rows`` (indices) only, which reads only those."""
+        n = len(self) if rows is None else len(rows)
+        if column not in self.table.column_names or not n:
+            return np.zeros(n, dtype=np.int64)
+        labels = self.table.column(column)
+        if rows is not None:
+            labels = labels.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        labels = pc.list_slice(labels, 1)
+        sizes = np.asarray(pc.list_value_length(labels).to_numpy(zero_copy_only=False), dtype=np.int64)
+        flat = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
         cum = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
         ends = np.cumsum(sizes)
         return cum[ends] - cum[ends - sizes]

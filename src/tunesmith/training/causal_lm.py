@@ -348,9 +348,8 @@ def _loss_rows_fraction(data: Any, args: Any, collator: Any) -> float:
 
     if data is None or not hasattr(data, "trained_counts") or "position_ids" in data.column_names:
         return 1.0
-    return trained_fraction(
-        data.lengths(), data.trained_counts(), args.per_device_train_batch_size, collator.pad_to_multiple_of
-    )
+    rows = min(args.per_device_train_batch_size, len(data))  # as capturing ahead counts them
+    return trained_fraction(data.lengths(), data.trained_counts, rows, collator.pad_to_multiple_of)
 
 
 def _cuda_graphs(cfg: Config) -> tuple[bool | None, list[str]]:
