@@ -182,12 +182,25 @@ def long_rows(
     return rows
 
 
-def write_bench_data(alpaca_file: Path, folder: Path, n_long: int, n_alpaca: int | None = None) -> dict:
-    """alpaca rows + long rows, shuffled once (seed 0), as folder/bench_mix.json with a dataset_info.json."""
+def prompt_heavy(row: dict) -> dict:
+    """The row as a long prompt with a one-word answer: its answer text moves into the input, and the answer
+    becomes that text's first word (data of the extraction or classification kind, whose trained tokens are a
+    small share of each row)."""
+    text = (row["input"] + "\n\n" if row.get("input") else "") + row["output"]
+    return {"instruction": row["instruction"], "input": text, "output": (row["output"].split() or ["-"])[0]}
+
+
+def write_bench_data(
+    alpaca_file: Path, folder: Path, n_long: int, n_alpaca: int | None = None, long_prompts: bool = False
+) -> dict:
+    """alpaca rows + long rows, shuffled once (seed 0), as folder/bench_mix.json with a dataset_info.json;
+    with ``long_prompts`` every row `prompt_heavy` (the same texts, nearly all of them prompt)."""
     alpaca = json.loads(alpaca_file.read_text(encoding="utf-8"))[:n_alpaca]
     long = long_rows(alpaca, n_long)
     rows = alpaca + long
     random.Random(0).shuffle(rows)  # sequential reading of this file is one fixed random order
+    if long_prompts:
+        rows = [prompt_heavy(r) for r in rows]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{DATASET}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     (folder / "dataset_info.json").write_text(json.dumps({DATASET: {"file_name": f"{DATASET}.json"}}))
@@ -201,6 +214,7 @@ def write_bench_data(alpaca_file: Path, folder: Path, n_long: int, n_alpaca: int
         else None,
         "source": alpaca_file.name,
         "order": "alpaca + long rows, shuffled with seed 0",
+        "long_prompts": long_prompts,
     }
 
 

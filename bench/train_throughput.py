@@ -13,7 +13,8 @@ Equal tokens per optimizer step: each pair sees the same rows per step (default 
 pair: 8 packed rows of cutoff_len, 2048, so the same tokens per micro-batch too); the measured
 tokens/step of both sides are in the results. Data: LLaMA-Factory's alpaca_en_demo (999 rows) plus 200
 deterministic long rows (answers of 6-24k characters, ~1.5-6k tokens, so cutoff_len truncates them), shuffled
-once into one file; the default pair reads it in file order (lf `disable_shuffling`, ts
+once into one file (`--long-prompts`: every row a long prompt with a one-word answer, the same texts, for
+data whose trained tokens are a small share); the default pair reads it in file order (lf `disable_shuffling`, ts
 `train_sampling_strategy: sequential`: a fixed random order, so it changes no batch statistics), so both see
 the same documents in every optimizer step. Common keys: lr 1e-4 (lora) / 1e-5 (full), cosine, warmup
 steps/10, seed 42, logging every step, no checkpoints. Every run is a child process on the same GPU.
@@ -266,6 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-rows", type=int, default=8, help="rows per optimizer step, default pair")
     p.add_argument("--best-batch", type=int, default=8, help="packed rows per micro-batch, best pair")
     p.add_argument("--long-rows", type=int, default=200)
+    p.add_argument(
+        "--long-prompts",
+        action="store_true",
+        help="every row a long prompt with a one-word answer (the same texts; a small trained share)",
+    )
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SIDE:KEY=VALUE")
     p.add_argument(
         "--extra-side",
@@ -350,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             "extra_sides": a.extra,
             "lf_pythonpath": a.lf_pythonpath,
         },
-        "data": tb.write_bench_data(a.data, a.work / "data", a.long_rows, 64 if a.cpu_smoke else None),
+        "data": tb.write_bench_data(
+            a.data, a.work / "data", a.long_rows, 64 if a.cpu_smoke else None, long_prompts=a.long_prompts
+        ),
     }
 
     def save() -> None:

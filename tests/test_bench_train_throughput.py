@@ -219,6 +219,24 @@ def test_bench_data_is_deterministic_and_long(tmp_path: Path) -> None:
     assert len(long) == 5 and meta["long_answer_chars"][1] < 24000 + 2000
 
 
+def test_long_prompt_data_keeps_the_texts_and_answers_in_one_word(tmp_path: Path) -> None:
+    src = tmp_path / "alpaca.json"
+    rows = [
+        {"instruction": f"Question {i}?", "input": "Context." if i % 2 else "", "output": f"Answer {i}. " * 9}
+        for i in range(30)
+    ]
+    src.write_text(json.dumps(rows))
+    meta = tb.write_bench_data(src, tmp_path / "a", n_long=5, long_prompts=True)
+    tb.write_bench_data(src, tmp_path / "b", n_long=5)
+    plain = json.loads((tmp_path / "b" / "bench_mix.json").read_text())
+    heavy = json.loads((tmp_path / "a" / "bench_mix.json").read_text())
+    assert meta["long_prompts"] is True and len(heavy) == len(plain) == 35
+    for p, h in zip(plain, heavy):  # the same rows in the same order, the answer text moved into the prompt
+        assert h["instruction"] == p["instruction"] and h["input"].endswith(p["output"])
+        assert h["output"] == p["output"].split()[0] and " " not in h["output"]
+    assert sum(len(r["output"]) for r in heavy) < sum(len(r["input"]) for r in heavy) / 20
+
+
 @pytest.mark.slow
 def test_cpu_smoke_runs_all_four_sides(tmp_path: Path) -> None:
     """~80 s on 2 cores: the tiny model through tunesmith's CLI and LLaMA-Factory's run_exp, 4 steps each."""
