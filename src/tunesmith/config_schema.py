@@ -188,7 +188,7 @@ class TrainingArgs:
     plot_loss: bool = opt(False, "Save loss curves as PNG after training.")
     cuda_graphs: bool | None = opt(
         None,
-        "Replay each batch shape's forward + backward as a CUDA graph (sizes on a grid, under 1/8 padding): "
+        "Replay each batch shape's forward + backward as a CUDA graph (widths on a grid, under 1/4 padding): "
         "much faster small steps. Unset: on where the step allows (LoRA or freeze on one GPU, varlen "
         "attention, fused loss, no gradient checkpointing, no quantization, no fp16), logged; true: "
         "required (full fine-tuning too); false: off.",

@@ -63,10 +63,14 @@ def static_width(total: int, multiple: int = 1) -> int:
     return -(-grid_size(total, STATIC_FLOORS["tokens"]) // multiple) * multiple
 
 
-def _draws(lengths: np.ndarray, rows: int, draws: int) -> np.ndarray:
-    """Row indices of ``draws`` batches of ``rows`` rows drawn at random (a fixed seed: no training
-    randomness is used)."""
-    return np.random.default_rng(0).integers(0, len(lengths), size=(draws, rows))
+def _drawn_batches(
+    lengths: np.ndarray, rows: int, multiple: int, draws: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices [draws, rows], static widths [draws]) of ``draws`` batches of ``rows`` rows drawn at
+    random (a fixed seed: no training randomness is used)."""
+    picks = np.random.default_rng(0).integers(0, len(lengths), size=(draws, rows))
+    totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
+    return picks, np.array([static_width(int(t), multiple) for t in totals])
 
 
 def likely_widths(
@@ -83,8 +87,7 @@ def likely_widths(
     At most ``limit``, the most frequent, ascending."""
     if len(lengths) == 0 or rows < 1:
         return []
-    totals = np.asarray(lengths, dtype=np.int64)[_draws(lengths, rows, draws)].sum(axis=1)
-    widths, counts = np.unique([static_width(int(t), multiple) for t in totals], return_counts=True)
+    widths, counts = np.unique(_drawn_batches(lengths, rows, multiple, draws)[1], return_counts=True)
     if batches is not None:
         often = counts * batches >= draws  # expected count over the run >= 1
         widths, counts = widths[often], counts[often]
@@ -106,11 +109,9 @@ def trained_fraction(
     through the LM head. 1.0 without rows."""
     if len(lengths) == 0 or rows < 1:
         return 1.0
-    picks = _draws(lengths, rows, draws)
+    picks, widths = _drawn_batches(lengths, rows, multiple, draws)
     drawn, where = np.unique(picks, return_inverse=True)
     targets = np.asarray(trained_of(drawn), dtype=np.int64)[where.reshape(picks.shape)].sum(axis=1)
-    totals = np.asarray(lengths, dtype=np.int64)[picks].sum(axis=1)
-    widths = np.array([static_width(int(t), multiple) for t in totals])
     return float(min(1.0, (targets / widths).max()))
 
 

@@ -6,9 +6,9 @@ Replayed as one CUDA graph the same step took 0.039 s, and 0.025 s with the deco
 (bench/results/cuda_graph_step-2026-11-28T1843Z-rows8-h200.json; the numbers matched the eager step's).
 
 How a step is replayed here:
-- the collator gives every batch static shapes (`CausalLMCollator(static_shapes=True)`: sizes on a grid, the
-  loss rows padded with zero-weight rows), so a run's batches fall into a few shapes; one graph per shape,
-  all sharing one memory pool;
+- the collator gives every batch static shapes (`CausalLMCollator(static_shapes=True)`: widths on a grid,
+  the loss rows padded with zero-weight rows), so a run's batches fall into a few shapes; one graph per
+  shape, all sharing one memory pool, the likely widths captured at the start (`prepare`, from the trainer);
 - a graph's inputs are buffers of its own, into which each batch is copied before the replay;
 - the captured region is the Trainer's own `training_step` (loss scaling, autocast, backward, as eager);
   the parameters' `.grad` are accumulators made before the first capture, into which autograd adds each
@@ -56,9 +56,9 @@ class CudaCapturer:
     """CUDA graphs captured on the current stream, all in one memory pool.
 
     The current stream must be a side stream, and the whole training must run on it (`training_stream`,
-    entered by the sft/pt stage before it loads the model): the autograd engine accumulates a parameter's gradient on the stream its
-    first backward ran on, so gradients first made on the default stream would make the default stream
-    wait on the capture, which CUDA refuses ("operation would make the legacy stream depend on a capturing
+    entered by the sft/pt stage before it loads the model): the autograd engine accumulates a parameter's
+    gradient on the stream its first backward ran on, so gradients first made on the default stream would
+    make the default stream wait on the capture, which CUDA refuses ("operation would make the legacy stream depend on a capturing
     blocking stream", measured on an H200). Every capture shares one pool, so the capture is begun and
     ended here rather than through `torch.cuda.graph` (which would also synchronise and collect garbage).
     ``thread_local``: the data loader's pin-memory thread may use CUDA meanwhile.
