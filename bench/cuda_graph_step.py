@@ -55,6 +55,8 @@ VARIANTS = (
     "compiled_graph",
     "eager_graph_inplace",
     "compiled_graph_inplace",
+    "eager_fusedlora",  # the LoRA layers of model/lora_fused.py (the trainer's), the update in the matmul
+    "eager_graph_inplace_fusedlora",
 )
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}
 # a graph variant against its twin: the same kernels, replayed (flash-attention's backward sums with atomics)
@@ -74,17 +76,23 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
     return out
 
 
-def build(config: dict, dtype: Any, dev: Any, attn: str, compiled: bool) -> tuple[Any, list, Any, int]:
+def build(
+    config: dict, dtype: Any, dev: Any, attn: str, compiled: bool, fused_lora: bool = False
+) -> tuple[Any, list, Any, int]:
     """A fresh LoRA model (same seed every time), its trained parameters, AdamW and its compiled layers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tunesmith.model.compile import compile_decoder_layers
+    from tunesmith.model.lora_fused import register_fused_lora
 
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=attn)).to(dev, dtype)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    if fused_lora:
+        register_fused_lora(lora)
+    model = get_peft_model(base, lora)
     for name, p in model.named_parameters():  # LoRA B starts at zero: give the gradients something to show
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -116,11 +124,13 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
     from tunesmith.data.collate import LOSS_ROWS
     from tunesmith.model import varlen
     from tunesmith.training.fused_head import probe_fused_head
+    from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 
     cuda = dev.type == "cuda"
     attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(Qwen2Config(**config)))
     compiled = name.startswith("compiled")
-    model, trained, opt, layers = build(config, dtype, dev, attn, compiled)
+    model, trained, opt, layers = build(config, dtype, dev, attn, compiled, name.endswith("_fusedlora"))
+    uncast = layers_to_uncast(model, autocast=a.mixed, engine=False)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     labels, rows = inputs.pop("labels"), inputs.pop(LOSS_ROWS)
     # as the trainer does: with torch_compile, the loss head's chunk math is compiled too
@@ -129,7 +139,9 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         raise RuntimeError(f"no fused head: {head}")
 
     def forward_backward() -> Any:
-        total, n, _ = head.loss_sum(model, inputs, labels, rows=rows)
+        # --mixed: as the trainer runs a bf16 LoRA step: autocast, the LoRA inputs left in bf16
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.mixed), inputs_uncast(uncast):
+            total, n, _ = head.loss_sum(model, inputs, labels, rows=rows)
         loss = total / n
         loss.backward()
         return loss.detach()
@@ -139,7 +151,7 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
         opt.step()
 
     if "_graph" in name:
-        inplace = name.endswith("_inplace")
+        inplace = "_inplace" in name
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (and compiling) off the capture stream, as torch asks
@@ -205,6 +217,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=8, help="unpacked rows a step (the default batch)")
     p.add_argument("--row-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="row lengths (60 250: about 1,200 tokens a step like the alpaca default; smoke 8 24)")  # fmt: skip
+    p.add_argument("--mixed", action="store_true",
+                   help="as the trainer: fp32 adapters under bf16 autocast, LoRA inputs left in bf16")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--variant-timeout", type=float, default=900, help="seconds for one variant's process")
@@ -296,7 +310,7 @@ def compare(results: dict[str, dict], grads_of: dict[str, dict], tol: dict) -> d
                 "pass": rel(r["first_loss"], e["first_loss"]) <= tol["loss_rel"]
                 and max(g.values()) <= tol["grad_rel"],
             }
-        twin = name.split("_graph")[0]
+        twin = name.replace("_graph_inplace", "").replace("_graph", "")
         if "_graph" in name and twin in ran:
             t = results[twin]
             g = grad_rel(grads_of[name], grads_of[twin])
@@ -334,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "cuda_graph_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": mode, "device": device(), "versions": versions(),
         "model": ("Qwen2.5-0.5B architecture, random init, bf16" if cuda else "2-layer Qwen2 (smoke), fp32")
-                 + ", PEFT LoRA r=8 on every linear layer, varlen attention, fused loss head, AdamW",
+                 + ", PEFT LoRA r=8 on every linear layer, varlen attention, fused loss head, AdamW"
+                 + (", fp32 adapters under bf16 autocast (--mixed, as the trainer)" if a.mixed else ""),
         "batch": {"rows": a.rows, "tokens": int(batch["input_ids"].numel()),
                   "trained_tokens": int(batch["loss_rows"].numel()), "row_tokens": [lo, hi]},
         "variants": {},

@@ -88,3 +88,13 @@ def test_a_graph_variant_must_match_its_twin_after_the_last_step_too() -> None:
     grads["compiled_graph_inplace"] = g
     checks = cgs.compare(results, grads, cgs.TOLERANCE["gpu"])
     assert not checks["compiled_graph_inplace"]["vs_compiled"]["pass"]
+
+
+def test_mixed_fused_lora_variant_runs_and_matches_eager(tmp_path: Path) -> None:
+    """--mixed (autocast, as the trainer) with the fused LoRA layers: on the fp32 CPU smoke model they take
+    PEFT's path (the base is not in the autocast dtype), so the numbers match eager's."""
+    proc, out = _run(tmp_path, "--mixed", "--variants", "eager", "eager_fusedlora")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert "--mixed" in d["model"] and d["checks"]["pass"]
+    assert d["variants"]["eager_fusedlora"]["optimizer_steps"] == 4

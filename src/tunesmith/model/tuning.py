@@ -186,8 +186,21 @@ def _apply_lora(
         # Tied embeddings trained via modules_to_save must stay tied in the saved adapter.
         ensure_weight_tying=bool(to_save) and model.config.tie_word_embeddings,
     )
+    if not quantized:  # quantized linears subclass nn.Linear: they keep PEFT's (bitsandbytes) layers
+        _fuse_lora_layers(config)
     model = get_peft_model(model, config)
     return _result(model, "lora", targets, to_save)
+
+
+def _fuse_lora_layers(config: Any) -> None:
+    """New adapters on full-precision linears get `lora_fused.FusedLoraLinear` (PEFT's layer, with the
+    adapter's update fused into the base matmul); a PEFT whose layer module moved keeps its own layers."""
+    try:
+        from tunesmith.model.lora_fused import register_fused_lora
+    except ImportError as e:
+        logger.info("lora: PEFT's own LoRA layers (the fused layer needs peft.tuners.lora.layer: %s)", e)
+        return
+    register_fused_lora(config)
 
 
 def _linear_names(model: nn.Module) -> set[str]:

@@ -11,8 +11,8 @@ its backward weights each row by its own incoming gradient, so it recomputes the
 head needs a gradient; when only the hidden states do (LoRA), their per-row gradients are taken in the
 forward and scaled row by row.
 
-The chunk math itself (losses and the logits' gradient) is `fused_ce_chunk`; applying the fused loss to an
-HF model's own head is `fused_head`.
+The chunk math itself (losses and the logits' gradient) is `fused_ce_chunk` (eager, compiled) and, by default
+on a GPU, `fused_ce_triton`'s kernel; applying the fused loss to an HF model's own head is `fused_head`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.torch_version import TorchVersion
 
-from tunesmith.training.fused_ce_chunk import LogitTransform, SoftmaxGrad, compiled_softmax_grad, softmax_grad
+from tunesmith.training.fused_ce_chunk import (
+    LogitTransform,
+    Result,
+    SoftmaxGrad,
+    compiled_softmax_grad,
+    softmax_grad,
+)
+from tunesmith.training.fused_ce_triton import triton_ready, triton_softmax_grad
 
 # cuBLAS's addmm into an fp32 `self` from bf16/fp16 factors (`out_dtype`, CUDA only): added in torch 2.8, an fp32
 # `self` and `out=` handled correctly from 2.10 (pytorch/pytorch#167931).
@@ -55,17 +62,27 @@ def default_chunk_rows(vocab_size: int, trained: bool = False) -> int:
     return max(256, min(4096, budget // max(vocab_size, 1)))
 
 
+def kernel_or_eager_softmax_grad(logits: torch.Tensor, *rest: Any) -> Result:
+    """The chunk math without torch.compile: the Triton kernel where it runs (`fused_ce_triton`: a CUDA
+    chunk, triton installed), else eager `softmax_grad`. Decided per chunk, from its logits' device."""
+    return (triton_softmax_grad if triton_ready(logits) else softmax_grad)(logits, *rest)
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How one call runs: rows per chunk, the matmul dtype, and the chunk math's torch.compile backend (None:
-    eager, `fused_ce_chunk`)."""
+    """How one call runs: rows per chunk, the matmul dtype, and the chunk math: compiled with torch.compile
+    when ``backend`` is set, else `kernel_or_eager_softmax_grad` (``kernel=False``: always eager
+    `softmax_grad`, which the benchmark times against the kernel)."""
 
     rows: int
     compute: torch.dtype
     backend: str | None = None
+    kernel: bool = True
 
     def math(self) -> SoftmaxGrad:
-        return softmax_grad if self.backend is None else compiled_softmax_grad(self.backend)
+        if self.backend is not None:
+            return compiled_softmax_grad(self.backend)
+        return kernel_or_eager_softmax_grad if self.kernel else softmax_grad
 
 
 def _chunked(
@@ -130,12 +147,12 @@ def compute_dtype(weight: torch.Tensor, mixed: torch.dtype | None = None) -> tor
 
 
 def _plan(
-    weight: torch.Tensor, chunk_rows: int | None, mixed: torch.dtype | None, backend: str | None
+    weight: torch.Tensor, chunk_rows: int | None, mixed: torch.dtype | None, backend: str | None, kernel: bool
 ) -> ChunkPlan:
     """One call's plan: a trained head's larger chunks only when gradients flow."""
     trained = weight.requires_grad and torch.is_grad_enabled()
     rows = chunk_rows or default_chunk_rows(weight.shape[0], trained)
-    return ChunkPlan(rows, compute_dtype(weight, mixed), backend)
+    return ChunkPlan(rows, compute_dtype(weight, mixed), backend, kernel)
 
 
 def _accumulate_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -209,6 +226,7 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     mixed: torch.dtype | None = None,
     compile_backend: str | None = None,
+    kernel: bool = True,
 ) -> torch.Tensor:
     """Sum over rows of ``token_weight * cross_entropy(transform(hidden @ weight.T + bias), target)``.
 
@@ -216,9 +234,10 @@ def linear_cross_entropy(
     [N]. Returns a 0-dim fp32 tensor; never allocates more than ``chunk_rows x V`` logits.
     Example: ``linear_cross_entropy(h, model.lm_head.weight, t) / t.numel()`` is the mean token loss.
     ``mixed``: the run's mixed-precision dtype, for an fp32 weight (`compute_dtype`). ``compile_backend``:
-    each chunk's softmax and gradient through torch.compile with that backend (`fused_ce_chunk`).
+    each chunk's softmax and gradient through torch.compile with that backend (`fused_ce_chunk`); else
+    ``kernel``: the Triton kernel where it runs (`fused_ce_triton`), False: the eager math.
     """
-    plan = _plan(weight, chunk_rows, mixed, compile_backend)
+    plan = _plan(weight, chunk_rows, mixed, compile_backend, kernel)
     if not torch.is_grad_enabled():  # a Function would still compute gradients (needs_input_grad ignores it)
         return _chunked(hidden, weight, bias, targets, token_weights, transform, plan, (False,) * 3)[0]
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights, transform, plan)
@@ -298,13 +317,14 @@ def linear_token_logps(
     chunk_rows: int | None = None,
     mixed: torch.dtype | None = None,
     compile_backend: str | None = None,
+    kernel: bool = True,
 ) -> torch.Tensor:
     """Per row, ``log_softmax(transform(hidden @ weight.T + bias))[target]``: [N] fp32, exact gradients.
 
     Same inputs as `linear_cross_entropy` (equal to ``-linear_token_logps(...).sum()``); never allocates
     more than ``chunk_rows x V`` logits, forward or backward.
     """
-    plan = _plan(weight, chunk_rows, mixed, compile_backend)
+    plan = _plan(weight, chunk_rows, mixed, compile_backend, kernel)
     if not torch.is_grad_enabled():
         return _chunked(hidden, weight, bias, targets, None, transform, plan, (False,) * 3)[1].neg_()
     return _LinearTokenLogps.apply(hidden, weight, bias, targets, transform, plan)

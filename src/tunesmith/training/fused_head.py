@@ -9,6 +9,7 @@ trusted; otherwise the caller keeps the plain path.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from tunesmith.training.fused_ce import (
     linear_cross_entropy,
     linear_token_logps,
 )
+from tunesmith.training.fused_ce_triton import kernel_fault
+
+logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 16
 PROBE_TOLERANCE = 1e-2  # of the largest logit: bf16 rounding passes, a missed scale or cap does not
@@ -63,6 +67,8 @@ class FusedHead:
     mixed: torch.dtype | None = None  # the run's mixed precision, for an fp32 head: `compute_dtype`
     # each chunk's softmax compiled with this backend (`fused_ce_chunk`); None: eager
     compile_backend: str | None = None
+    # the chunk math's Triton kernel where it runs (`fused_ce_triton`); False: it failed its check here
+    kernel: bool = True
 
     def describe(self) -> str:
         """For the log: "head [151936, 896] float32, matmuls in bfloat16, <transform>, chunks of 220 rows"."""
@@ -72,6 +78,11 @@ class FusedHead:
             f"head {list(w.shape)} {dtypes[0]}, matmuls in {dtypes[1]}, {self.transform}, "
             f"chunks of {self.chunk_rows} rows"
             + (f", softmax compiled ({self.compile_backend})" if self.compile_backend else "")
+            + (
+                ""
+                if self.kernel or self.compile_backend
+                else ", softmax eager (its Triton kernel failed its check)"
+            )
         )
 
     def loss_sum(
@@ -107,6 +118,7 @@ class FusedHead:
             chunk_rows=self.chunk_rows,
             mixed=self.mixed,
             compile_backend=self.compile_backend,
+            kernel=self.kernel,
         )
         return total, rows.numel() if row_weights is None else row_weights.sum(), outputs
 
@@ -127,6 +139,7 @@ class FusedHead:
             self.chunk_rows,
             self.mixed,
             self.compile_backend,
+            self.kernel,
         )
         batch, time = labels.shape
         sums = torch.zeros(batch, dtype=token.dtype, device=token.device).index_add(0, rows // time, token)
@@ -208,7 +221,12 @@ def probe_fused_head(
             "logit: the model transforms its logits in a way the fused loss does not know"
         )
     rows = chunk_rows or default_chunk_rows(head.weight.shape[0], head.weight.requires_grad)
-    return FusedHead(head, transform, rows, mixed, compile_backend)
+    fault = (
+        None if compile_backend else kernel_fault(head.weight, transform, compute_dtype(head.weight, mixed))
+    )
+    if fault:
+        logger.warning("fused loss: %s; its softmax runs eagerly (slower, same numbers)", fault)
+    return FusedHead(head, transform, rows, mixed, compile_backend, kernel=fault is None)
 
 
 __all__ = ["FusedHead", "head_input", "probe_fused_head"]

@@ -1,0 +1,124 @@
+"""LoRA linear layers whose adapter update is fused into the base matmul's output, forward and backward.
+
+PEFT computes a LoRA layer as ``result = base(x) + lora_B(lora_A(x)) * scaling``: besides the three
+matmuls, two elementwise passes over the ``[tokens x out_features]`` output in the forward (the scaling
+and the sum) and two in the backward (the scaling of the incoming gradient, and the sum of the input's two
+gradients, base and adapter, over ``[tokens x in_features]``). With LoRA on every linear layer of a
+24-layer model that is some 700 kernels and about 20 GB of memory traffic per step of 3,500 tokens (on an
+H200, about a tenth of a replayed default step). Here the adapter's product is added by the matmul itself
+(``addmm``: cuBLAS adds it to the base output while it accumulates in fp32) and the scaling goes to the
+``[tokens x rank]`` intermediate, so none of those passes remains:
+
+    forward   y  = x W^T (+ bias);   y += (s * x A^T) B^T
+    backward  g  = dy B;  dx = dy W + (s * g) A;  dA = (s * g)^T x;  dB = dy^T (s * x A^T)
+
+The numbers are PEFT's up to rounding: the product is added in fp32 before the one rounding to the
+compute dtype, where PEFT rounds the product, the scaled product and the sum. The layer is PEFT's own
+`lora.Linear`, registered through LoraConfig's custom-module mapping, so adapters save, load, merge and
+unload as PEFT's; anything the fused path does not cover (dropout, DoRA and other variants, several
+active adapters, merged or disabled adapters, mixed-adapter batches, a trained base weight, a
+fan-in-fan-out layout, inputs in another dtype than the base weight outside autocast) runs PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` and trained ``A``/``B``, in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+    ) -> torch.Tensor:  # fmt: skip
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            xa = x2 @ a.t()
+            if scaling != 1.0:
+                xa = xa * scaling
+            y = torch.nn.functional.linear(x2, weight, bias)
+            y.addmm_(xa, b.t())
+        ctx.save_for_backward(x2, weight, a, b, xa)
+        ctx.scaling = scaling
+        ctx.shape = x.shape
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, a, b, xa = ctx.saved_tensors
+        dy = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        g = dy @ b
+        if ctx.scaling != 1.0:
+            g = g * ctx.scaling
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy @ weight).addmm_(g, a).view(ctx.shape)
+        da = (g.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+        db = (dy.t() @ xa).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None
+
+
+class FusedLoraLinear(LoraLinear):
+    """PEFT's LoRA linear layer; its forward takes the fused path where it applies (`fused_operands`)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        operands = None if args or kwargs else fused_operands(self, x)
+        if operands is None:
+            return super().forward(x, *args, **kwargs)
+        return _LoraLinear.apply(*operands)
+
+
+def fused_operands(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
+    """``(x, W, b, A, B, scaling)`` for `_LoraLinear`, or None where PEFT's forward must run."""
+    if layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+        return None
+    name = active[0]
+    dropout = layer.lora_dropout[name]
+    if not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and not dropout.training)):
+        return None
+    base = layer.get_base_layer()
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(base) is not nn.Linear or type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+        return None
+    if lora_b.bias is not None or lora_a.bias is not None:
+        return None
+    weight, bias = base.weight, base.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    # outside autocast PEFT runs the adapter in its own dtype (fp32 adapters on a bf16 model): keep that
+    if not autocast and (lora_a.weight.dtype != dtype or x.dtype != dtype):
+        return None
+    if not x.is_floating_point() or x.shape[-1] != weight.shape[1]:
+        return None
+    return x.to(dtype), weight, bias, lora_a.weight, lora_b.weight, float(layer.scaling[name])
+
+
+def register_fused_lora(config: Any) -> bool:
+    """Map `nn.Linear` targets of a `LoraConfig` to the fused layer. False (and PEFT's layers) on a PEFT
+    without the custom-module mapping; never for quantized bases (their linears subclass nn.Linear)."""
+    register = getattr(config, "_register_custom_module", None)
+    if register is None:
+        logger.info("lora: PEFT's LoraConfig has no custom-module mapping; PEFT's own LoRA layers are used")
+        return False
+    register({nn.Linear: FusedLoraLinear})
+    return True

@@ -1,0 +1,189 @@
+"""The fused LoRA layer (model/lora_fused.py): PEFT's numbers and behaviour, with the update in the matmul."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as PeftLinear
+from torch import nn
+
+from tunesmith.model import TuningOptions, apply_tuning, load_model
+from tunesmith.model.lora_fused import FusedLoraLinear, fused_operands, register_fused_lora
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 24)  # a bias
+        self.down = nn.Linear(24, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def _pair(fused_config: dict | None = None, **config) -> tuple[nn.Module, nn.Module]:
+    """The same random model and adapter (lora_B random, so the adapter counts) as PEFT's and fused."""
+    torch.manual_seed(0)
+    base = _Two()
+    models = []
+    for fused in (False, True):
+        options = {"r": 4, "lora_alpha": 12, "target_modules": ["up", "down"], **config}
+        if fused:
+            options.update(fused_config or {})
+        lora = LoraConfig(**options)
+        if fused:
+            assert register_fused_lora(lora)
+        torch.manual_seed(1)
+        model = get_peft_model(copy.deepcopy(base), lora)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_()
+        models.append(model)
+    return models[0], models[1]
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, PeftLinear)]
+
+
+def _grads(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple[torch.Tensor, ...]:
+    """Output, input gradient and the LoRA weights' gradients of sum(out^2)."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().sum().backward()
+    lora = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in lora)
+    return (out.detach().float(), x.grad, *lora)
+
+
+def test_fp32_matches_peft_and_takes_the_fused_path():
+    plain, fused = _pair()
+    assert all(type(m) is FusedLoraLinear for m in _layers(fused))
+    assert all(type(m) is PeftLinear for m in _layers(plain))
+    x = torch.randn(2, 5, 16)
+    assert all(fused_operands(m, x if m.in_features == 16 else torch.randn(2, 5, 24)) for m in _layers(fused))
+    for a, b in zip(_grads(plain, x), _grads(fused, x)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_matches_peft_within_rounding():
+    """A bf16 base under autocast with fp32 adapters (a mixed-precision LoRA run): PEFT rounds the product,
+    its scaled copy and the sum to bf16, the fused layer once."""
+    plain, fused = _pair()
+    for model in (plain, fused):
+        for layer in _layers(model):
+            layer.get_base_layer().to(torch.bfloat16)
+    x = torch.randn(4, 7, 16).to(torch.bfloat16)
+    assert fused_operands(_layers(fused)[0], x) is None  # outside autocast PEFT keeps the fp32 adapter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_operands(_layers(fused)[0], x) is not None
+    for a, b in zip(_grads(plain, x, autocast=True), _grads(fused, x, autocast=True)):
+        assert ((b - a).norm() / a.norm()).item() < 2e-2
+
+
+def test_the_input_needs_no_gradient():
+    plain, fused = _pair()
+    x = torch.randn(3, 16)  # 2-D, and no gradient (the first layer under frozen embeddings)
+    for model in (plain, fused):
+        model.zero_grad()
+        model(x).square().sum().backward()
+    grads = [[p.grad for n, p in m.named_parameters() if "lora_" in n] for m in (plain, fused)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ({"lora_dropout": 0.1}, "dropout"),
+        ({"use_dora": True}, "a variant"),
+    ],
+)
+def test_what_the_fused_path_does_not_cover_runs_peft(config, why):
+    plain, fused = _pair(**config)
+    fused.train()
+    x = torch.randn(2, 16)
+    assert fused_operands(_layers(fused)[0], x) is None, why
+    if "lora_dropout" in config:
+        plain.eval(), fused.eval()  # dropout is the identity in eval, where the fused path applies
+        assert fused_operands(_layers(fused)[0], x) is not None
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_merged_and_second_adapters_run_peft():
+    plain, fused = _pair()
+    x = torch.randn(2, 16)
+    with fused.disable_adapter():
+        assert fused_operands(_layers(fused)[0], x) is None
+        torch.testing.assert_close(fused(x), fused.get_base_model()(x))
+    fused.add_adapter("other", LoraConfig(r=2, target_modules=["up", "down"]))
+    fused.base_model.set_adapter(["default", "other"])
+    assert fused_operands(_layers(fused)[0], x) is None
+    fused.set_adapter("default")
+    expected = plain(x)
+    merged = fused.merge_and_unload()
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_saved_from_the_fused_layer_loads_into_plain_peft(tmp_path):
+    plain, fused = _pair()
+    fused.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(plain.get_base_model()), tmp_path)
+    assert all(type(m) is PeftLinear for m in _layers(loaded))
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_tuning_fuses_new_adapters(tiny_model_dir):
+    model = load_model(tiny_model_dir, dtype="fp32", gradient_checkpointing=False).model
+    peft_model = apply_tuning(model, TuningOptions(lora_rank=4)).model
+    layers = _layers(peft_model)
+    assert len(layers) == 14 and all(type(m) is FusedLoraLinear for m in layers)
+    ids = torch.randint(3, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_bf16_matches_peft_and_replays_in_a_cuda_graph():
+    dev = torch.device("cuda")
+    plain, fused = _pair()
+    for model in (plain, fused):
+        model.to(dev)
+        for layer in _layers(model):
+            layer.get_base_layer().to(torch.bfloat16)
+    x = torch.randn(1, 300, 16, device=dev).bfloat16().requires_grad_()
+
+    def step(model: nn.Module) -> list[torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        return [out, x.grad, *(p.grad for n, p in model.named_parameters() if "lora_" in n)]
+
+    want = [t.detach().float().clone() for t in step(plain)]
+    x.grad = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(fused)  # warm-up off the capture stream; the gradients stay as the accumulators
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for t in [x.grad, *(p.grad for p in fused.parameters() if p.grad is not None)]:
+        t.zero_()
+    with torch.cuda.graph(graph):
+        got = step(fused)
+    for t in [x.grad, *(p.grad for p in fused.parameters() if p.grad is not None)]:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(want, got, strict=True):
+        assert ((b.float() - a).norm() / a.norm()).item() < 2e-2
