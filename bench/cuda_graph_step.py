@@ -55,7 +55,7 @@ VARIANTS = (
     "compiled_graph",
     "eager_graph_inplace",
     "compiled_graph_inplace",
-    "eager_fusedlora",  # the LoRA layers of model/lora_fused.py (the trainer's), the update in the matmul
+    "eager_fusedlora",  # model/lora_fused.py (the trainer's LoRA layers): PEFT's eagerly, fused while captured
     "eager_graph_inplace_fusedlora",
 )
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}

@@ -10,8 +10,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
 
-from tunesmith.model import TuningOptions, apply_tuning, load_model
+from tunesmith.model import TuningOptions, apply_tuning, load_model, lora_fused
 from tunesmith.model.lora_fused import FusedLoraLinear, fused_operands, register_fused_lora
+
+
+@pytest.fixture
+def fuse_on_cpu(monkeypatch):
+    """The fused path runs while a CUDA graph is captured; these CPU tests take it as if one were."""
+    monkeypatch.setattr(lora_fused, "capturing", lambda x: True)
 
 
 class _Two(nn.Module):
@@ -62,7 +68,7 @@ def _grads(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple[t
     return (out.detach().float(), x.grad, *lora)
 
 
-def test_fp32_matches_peft_and_takes_the_fused_path():
+def test_fp32_matches_peft_and_takes_the_fused_path(fuse_on_cpu):
     plain, fused = _pair()
     assert all(type(m) is FusedLoraLinear for m in _layers(fused))
     assert all(type(m) is PeftLinear for m in _layers(plain))
@@ -72,7 +78,7 @@ def test_fp32_matches_peft_and_takes_the_fused_path():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_matches_peft_within_rounding():
+def test_bf16_autocast_matches_peft_within_rounding(fuse_on_cpu):
     """A bf16 base under autocast with fp32 adapters (a mixed-precision LoRA run): PEFT rounds the product,
     its scaled copy and the sum to bf16, the fused layer once."""
     plain, fused = _pair()
@@ -87,7 +93,7 @@ def test_bf16_autocast_matches_peft_within_rounding():
         assert ((b - a).norm() / a.norm()).item() < 2e-2
 
 
-def test_the_input_needs_no_gradient():
+def test_the_input_needs_no_gradient(fuse_on_cpu):
     plain, fused = _pair()
     x = torch.randn(3, 16)  # 2-D, and no gradient (the first layer under frozen embeddings)
     for model in (plain, fused):
@@ -98,6 +104,24 @@ def test_the_input_needs_no_gradient():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_outside_a_capture_the_layer_is_peft_s():
+    """Eagerly the host's cost decides, and PEFT's C++ autograd nodes cost it less: the same numbers, bit for
+    bit, as PEFT's layer."""
+    plain, fused = _pair()
+    x = torch.randn(2, 5, 16)
+    assert not lora_fused.capturing(x)
+    for a, b in zip(_grads(plain, x), _grads(fused, x)):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_traces_the_layer_whole():
+    """Under torch.compile the layer is PEFT's, traced without a graph break (fullgraph would raise)."""
+    plain, fused = _pair()
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("config", "why"),
     [
@@ -105,7 +129,7 @@ def test_the_input_needs_no_gradient():
         ({"use_dora": True}, "a variant"),
     ],
 )
-def test_what_the_fused_path_does_not_cover_runs_peft(config, why):
+def test_what_the_fused_path_does_not_cover_runs_peft(fuse_on_cpu, config, why):
     plain, fused = _pair(**config)
     fused.train()
     x = torch.randn(2, 16)
@@ -116,7 +140,7 @@ def test_what_the_fused_path_does_not_cover_runs_peft(config, why):
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
-def test_disabled_merged_and_second_adapters_run_peft():
+def test_disabled_merged_and_second_adapters_run_peft(fuse_on_cpu):
     plain, fused = _pair()
     x = torch.randn(2, 16)
     with fused.disable_adapter():
@@ -131,7 +155,7 @@ def test_disabled_merged_and_second_adapters_run_peft():
     torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_adapter_saved_from_the_fused_layer_loads_into_plain_peft(tmp_path):
+def test_adapter_saved_from_the_fused_layer_loads_into_plain_peft(fuse_on_cpu, tmp_path):
     plain, fused = _pair()
     fused.save_pretrained(tmp_path)
     torch.manual_seed(0)
@@ -141,7 +165,7 @@ def test_adapter_saved_from_the_fused_layer_loads_into_plain_peft(tmp_path):
     torch.testing.assert_close(loaded(x), fused(x), rtol=1e-5, atol=1e-5)
 
 
-def test_apply_tuning_fuses_new_adapters(tiny_model_dir):
+def test_apply_tuning_fuses_new_adapters(fuse_on_cpu, tiny_model_dir):
     model = load_model(tiny_model_dir, dtype="fp32", gradient_checkpointing=False).model
     peft_model = apply_tuning(model, TuningOptions(lora_rank=4)).model
     layers = _layers(peft_model)
@@ -187,3 +211,14 @@ def test_on_a_gpu_bf16_matches_peft_and_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(want, got, strict=True):
         assert ((b.float() - a).norm() / a.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_torch_compile_traces_the_layer_whole():
+    """On CUDA tensors the capture query is skipped under torch.compile: no graph break (fullgraph raises)."""
+    plain, fused = _pair()
+    plain.cuda(), fused.cuda()
+    x = torch.randn(2, 5, 16, device="cuda")
+    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
