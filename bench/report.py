@@ -240,6 +240,17 @@ def fused_ce_gpu_check(d: dict) -> str | None:
         f"({_x(d['speedup_autocast_vs_fp32'])}); plain logits path {ms['plain']} ms; gradients vs plain: "
         f"{'pass' if d.get('guard') == 'PASS' else 'FAIL'}"
     )
+    if "triton" in d:  # the chunk math's Triton kernel (fused_ce_triton), trained head and frozen (LoRA) head
+        line += (
+            f"; Triton chunk kernel {1000 * d['triton']['s']:.1f} ms ({_x(d['speedup_triton_vs_autocast'])} "
+            f"eager, compiled {1000 * d['compiled']['s']:.1f} ms)"
+        )
+        frozen = d.get("lora_head") or {}
+        if "triton" in frozen:
+            line += (
+                f", frozen head {1000 * frozen['triton']['s']:.1f} ms vs eager "
+                f"{1000 * frozen['eager']['s']:.1f} ms"
+            )
     sweep = d.get("chunk_sweep") or []
     if sweep:
         line += "; chunk rows " + ", ".join(
@@ -258,8 +269,9 @@ def cuda_graph_step(d: dict) -> str | None:
     b = d["batch"]
     times = ", ".join(f"{name} {ms:.1f}" for name, ms in ran.items())
     checks = (d.get("checks") or {}).get("pass")
+    mixed = ", fp32 adapters under bf16 autocast" if "--mixed" in d.get("model", "") else ""
     return (
-        f"LoRA step ({b['rows']} rows, {b['tokens']:,} tokens), ms per optimizer step: {times}; "
+        f"LoRA step ({b['rows']} rows, {b['tokens']:,} tokens{mixed}), ms per optimizer step: {times}; "
         f"losses and gradients vs eager and twins: {'pass' if checks else 'FAIL'}"
     )
 
