@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -11,7 +12,12 @@ from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
 
 from tunesmith.model import TuningOptions, apply_tuning, load_model, lora_fused
-from tunesmith.model.lora_fused import FusedLoraLinear, fused_operands, register_fused_lora
+from tunesmith.model.lora_fused import (
+    FusedLoraLinear,
+    fused_operands,
+    plain_linear_targets,
+    register_fused_lora,
+)
 
 
 @pytest.fixture
@@ -30,15 +36,13 @@ class _Two(nn.Module):
         return self.down(torch.nn.functional.silu(self.up(x)))
 
 
-def _pair(fused_config: dict | None = None, **config) -> tuple[nn.Module, nn.Module]:
+def _pair(**config) -> tuple[nn.Module, nn.Module]:
     """The same random model and adapter (lora_B random, so the adapter counts) as PEFT's and fused."""
     torch.manual_seed(0)
     base = _Two()
     models = []
     for fused in (False, True):
         options = {"r": 4, "lora_alpha": 12, "target_modules": ["up", "down"], **config}
-        if fused:
-            options.update(fused_config or {})
         lora = LoraConfig(**options)
         if fused:
             assert register_fused_lora(lora)
@@ -102,6 +106,36 @@ def test_the_input_needs_no_gradient(fuse_on_cpu):
     grads = [[p.grad for n, p in m.named_parameters() if "lora_" in n] for m in (plain, fused)]
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_may_change_the_output_in_place(fuse_on_cpu):
+    """OLMo clamps its q/k/v projections' outputs in place (clip_qkv): autograd forbids that on a custom
+    Function's view, so the layer returns a view of its own."""
+    plain, fused = _pair()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    grads = []
+    for model in (plain, fused):
+        layer = _layers(model)[0]
+        assert fused_operands(layer, x) is not None
+        out = layer(x)
+        out.clamp_(-1.0, 1.0)
+        grads.append(torch.autograd.grad(out.square().sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+class _Subclass(nn.Linear):
+    """Like a quantized linear: a subclass of nn.Linear that PEFT's own dispatchers would handle."""
+
+
+def test_only_plain_linear_targets_of_an_unquantized_model_are_fused():
+    model = _Two()
+    assert plain_linear_targets(model, ["up", "down"])
+    model.config = type("Config", (), {"quantization_config": {"load_in_4bit": True}})()
+    assert not plain_linear_targets(model, ["up", "down"])  # a pre-quantized checkpoint
+    model = _Two()
+    model.down = _Subclass(24, 16)
+    assert not plain_linear_targets(model, ["up", "down"])
+    assert plain_linear_targets(model, ["up"])
 
 
 def test_outside_a_capture_the_layer_is_peft_s():
@@ -171,9 +205,19 @@ def test_apply_tuning_fuses_new_adapters(fuse_on_cpu, tiny_model_dir):
     layers = _layers(peft_model)
     assert len(layers) == 14 and all(type(m) is FusedLoraLinear for m in layers)
     ids = torch.randint(3, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
-    loss = peft_model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():  # a trained adapter: lora_B is no longer zero
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    grads = []
+    for fused in (True, False):
+        peft_model.zero_grad()
+        with mock.patch.object(lora_fused, "capturing", lambda x, fused=fused: fused):
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.gpu
@@ -203,8 +247,10 @@ def test_on_a_gpu_bf16_matches_peft_and_replays_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     for t in [x.grad, *(p.grad for p in fused.parameters() if p.grad is not None)]:
         t.zero_()
-    with torch.cuda.graph(graph):
+    spy = mock.patch.object(lora_fused._LoraLinear, "apply", wraps=lora_fused._LoraLinear.apply)
+    with spy as calls, torch.cuda.graph(graph):
         got = step(fused)
+    assert calls.call_count == 2  # both layers took the fused path in the capture
     for t in [x.grad, *(p.grad for p in fused.parameters() if p.grad is not None)]:
         t.zero_()
     graph.replay()

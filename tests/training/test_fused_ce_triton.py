@@ -209,12 +209,62 @@ def test_the_run_check_names_a_kernel_that_fails_or_differs(monkeypatch):
     monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", fails)
     assert "failed here (RuntimeError: PTX" in kernel_fault(head, BOTH, BF16)
     monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", wrong)
-    assert "differ from the eager math (loss 0, gradient 0.098)" in kernel_fault(head, BOTH, BF16)
+    assert "differ from the eager math (loss 0, gradient 0.1)" in kernel_fault(head, BOTH, BF16)
+    def off_elsewhere(logits: torch.Tensor, targets: torch.Tensor, *rest: Any) -> Any:
+        loss, grad, bias = softmax_grad(logits, targets, *rest)
+        hot = torch.zeros_like(grad, dtype=torch.bool)
+        hot[torch.arange(len(targets)), targets] = True
+        return loss, torch.where(hot, grad, grad * 1.05), bias  # 5% off in every column but the target's
+
+    monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", off_elsewhere)
+    assert "gradient 0.05" in kernel_fault(head, BOTH, BF16)
     monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", softmax_grad)
     assert kernel_fault(head, BOTH, BF16) is None
     monkeypatch.setattr(fused_ce_triton, "triton_ready", lambda t: False)
     monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", fails)
     assert kernel_fault(head, BOTH, BF16) is None  # not run where the eager math runs anyway
+
+
+def test_a_kernel_that_cannot_be_built_leaves_the_eager_math(monkeypatch, caplog):
+    """A triton whose jit raises (no source to read, say) is logged; the loss runs eagerly, on any device."""
+    pytest.importorskip("triton")
+    import triton
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(triton, "jit", broken)
+    assert fused_ce_triton._kernel.__wrapped__() is None
+    assert "cannot be built (OSError: could not get source code)" in caplog.text
+    monkeypatch.setattr(fused_ce_triton, "_kernel", lambda: None)
+    assert kernel_fault(torch.zeros(300, 16), BOTH, BF16) is None
+    logits, targets, _ = Case(FP32, FP32).inputs(0)
+    loss, _, _ = kernel_or_eager_softmax_grad(logits, targets, None, LogitTransform(), True, False, FP32)
+    assert torch.isfinite(loss).all()
+
+
+def test_the_probe_keeps_the_eager_math_when_the_kernel_fails_its_check(monkeypatch, caplog):
+    from tunesmith.training import fused_head
+
+    monkeypatch.setattr(fused_head, "kernel_fault", lambda *args: "the kernel failed here (RuntimeError: x)")
+    model = _tiny_lm()
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    head = fused_head.probe_fused_head(model, {"input_ids": ids, "labels": ids})
+    assert not isinstance(head, str) and head.kernel is False
+    assert "softmax eager (its Triton kernel failed its check)" in head.describe()
+    assert "the kernel failed here (RuntimeError: x); its softmax runs eagerly" in caplog.text
+    monkeypatch.setattr(fused_head, "kernel_fault", lambda *args: None)
+    head = fused_head.probe_fused_head(model, {"input_ids": ids, "labels": ids})
+    assert head.kernel is True and "softmax eager" not in head.describe()
+
+
+def _tiny_lm() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
 
 
 def test_block_columns_is_the_next_power_of_two_up_to_the_cap():

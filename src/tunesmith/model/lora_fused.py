@@ -17,8 +17,9 @@ and every replay gains (the default LoRA step of bench/cuda_graph_step.py --mixe
 H200: 40.6 -> 36.9 ms replayed). Run eagerly, each call is launched from Python again, and this layer's
 Python backward costs the host more than PEFT's C++ autograd nodes: that step took 157 ms against PEFT's
 147 ms. So outside a capture (and under torch.compile, whose inductor fuses PEFT's passes itself) the layer
-is PEFT's. The numbers are PEFT's up to rounding: the product is added in fp32 before the one rounding to the
-compute dtype, where PEFT rounds the product, the scaled product and the sum. The layer is PEFT's own
+is PEFT's. The numbers are PEFT's up to rounding: the base output and ``s * x A^T`` are rounded to the compute
+dtype as in PEFT, then the product is added in fp32 and the sum rounded once, where PEFT rounds the
+product, the scaled product and the sum. The layer is PEFT's own
 `lora.Linear`, registered through LoraConfig's custom-module mapping, so adapters save, load, merge and
 unload as PEFT's; anything the fused path does not cover (dropout, DoRA and other variants, several
 active adapters, merged or disabled adapters, mixed-adapter batches, a trained base weight, a
@@ -28,6 +29,7 @@ fan-in-fan-out layout, inputs in another dtype than the base weight outside auto
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` and trained ``A``/``B``, in ``x``'s dtype."""
+    """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` and trained ``A``/``B``, in ``x``'s dtype; 2-D
+    in and out (a view of its output would forbid a model's in-place op on it, as OLMo's q/k/v clamp)."""
 
     @staticmethod
     def forward(
@@ -47,29 +50,27 @@ class _LoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:  # fmt: skip
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xa = x2 @ a.t()
+            xa = x @ a.t()
             if scaling != 1.0:
                 xa = xa * scaling
-            y = torch.nn.functional.linear(x2, weight, bias)
+            y = torch.nn.functional.linear(x, weight, bias)
             y.addmm_(xa, b.t())
-        ctx.save_for_backward(x2, weight, a, b, xa)
+        ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scaling = scaling
-        ctx.shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, weight, a, b, xa = ctx.saved_tensors
-        dy = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        dy = grad.to(x2.dtype)
         g = dy @ b
         if ctx.scaling != 1.0:
             g = g * ctx.scaling
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ weight).addmm_(g, a).view(ctx.shape)
+            dx = (dy @ weight).addmm_(g, a)
         da = (g.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
         db = (dy.t() @ xa).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         return dx, None, None, da, db, None
@@ -82,7 +83,8 @@ class FusedLoraLinear(LoraLinear):
         operands = None if args or kwargs or not capturing(x) else fused_operands(self, x)
         if operands is None:
             return super().forward(x, *args, **kwargs)
-        return _LoraLinear.apply(*operands)
+        x_in, *rest = operands
+        return _LoraLinear.apply(x_in.reshape(-1, x_in.shape[-1]), *rest).view(*x.shape[:-1], -1)
 
 
 def capturing(x: torch.Tensor) -> bool:
@@ -127,9 +129,24 @@ def fused_operands(layer: Any, x: torch.Tensor) -> tuple[Any, ...] | None:
     return x.to(dtype), weight, bias, lora_a.weight, lora_b.weight, float(layer.scaling[name])
 
 
+def plain_linear_targets(model: nn.Module, targets: Sequence[str]) -> bool:
+    """Whether every module named by ``targets`` (short names) is exactly `nn.Linear` with a plain weight, in a
+    model without a quantizer: PEFT tries a custom mapping before its own dispatchers, and quantized
+    linears (bitsandbytes, a pre-quantized checkpoint, torchao) subclass `nn.Linear`."""
+    config = getattr(model, "config", None)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(config, "quantization_config", None):
+        return False
+    names = set(targets)
+    return all(
+        type(m) is nn.Linear and type(m.weight) is nn.Parameter
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in names
+    )
+
+
 def register_fused_lora(config: Any) -> bool:
-    """Map `nn.Linear` targets of a `LoraConfig` to the fused layer. False (and PEFT's layers) on a PEFT
-    without the custom-module mapping; never for quantized bases (their linears subclass nn.Linear)."""
+    """Map `nn.Linear` targets of a `LoraConfig` to the fused layer (callers check `plain_linear_targets`
+    first). False (and PEFT's layers) on a PEFT without the custom-module mapping."""
     register = getattr(config, "_register_custom_module", None)
     if register is None:
         logger.info("lora: PEFT's LoraConfig has no custom-module mapping; PEFT's own LoRA layers are used")

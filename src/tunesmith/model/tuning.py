@@ -187,20 +187,22 @@ def _apply_lora(
         ensure_weight_tying=bool(to_save) and model.config.tie_word_embeddings,
     )
     if not quantized:  # quantized linears subclass nn.Linear: they keep PEFT's (bitsandbytes) layers
-        _fuse_lora_layers(config)
+        _fuse_lora_layers(model, config, targets)
     model = get_peft_model(model, config)
     return _result(model, "lora", targets, to_save)
 
 
-def _fuse_lora_layers(config: Any) -> None:
-    """New adapters on full-precision linears get `lora_fused.FusedLoraLinear` (PEFT's layer, with the
-    adapter's update fused into the base matmul); a PEFT whose layer module moved keeps its own layers."""
+def _fuse_lora_layers(model: nn.Module, config: Any, targets: Sequence[str]) -> None:
+    """New adapters on plain full-precision linears get `lora_fused.FusedLoraLinear` (PEFT's layer, with the
+    adapter's update fused into the base matmul while a CUDA graph is captured); other targets (a
+    pre-quantized checkpoint, linear subclasses) and a PEFT whose layer module moved keep PEFT's layers."""
     try:
-        from tunesmith.model.lora_fused import register_fused_lora
+        from tunesmith.model.lora_fused import plain_linear_targets, register_fused_lora
     except ImportError as e:
         logger.info("lora: PEFT's own LoRA layers (the fused layer needs peft.tuners.lora.layer: %s)", e)
         return
-    register_fused_lora(config)
+    if plain_linear_targets(model, targets):
+        register_fused_lora(config)
 
 
 def _linear_names(model: nn.Module) -> set[str]:

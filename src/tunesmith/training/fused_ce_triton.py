@@ -21,12 +21,15 @@ the row count is the grid only, so every chunk size shares one compiled kernel).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tunesmith.training.fused_ce_chunk import LogitTransform, Result, softmax_grad
+
+logger = logging.getLogger(__name__)
 
 # Columns a program holds at once (16 fp32 values a thread) and its warps. Of five shapes timed on an H200 at
 # 151,936 columns, 4096 x 8 was the fastest at 883 rows (a trained head's chunk), 6% behind 2048 x 4 at 4096
@@ -116,7 +119,12 @@ def _kernel() -> _Kernel | None:
     except ImportError:
         return None
     tl = triton.language
-    fn = triton.jit(_softmax_grad_rows, do_not_specialize=["targets_ptr", "weights_ptr"])
+    try:
+        fn = triton.jit(_softmax_grad_rows, do_not_specialize=["targets_ptr", "weights_ptr"])
+    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
+        logger.warning("fused loss: the Triton chunk kernel cannot be built (%s: %s); the eager math runs",
+                       type(e).__name__, e)  # fmt: skip
+        return None
     return _Kernel(fn, isinstance(fn, InterpretedFunction))
 
 
@@ -185,19 +193,24 @@ def kernel_fault(weight: torch.Tensor, transform: LogitTransform, compute: torch
     vocab = weight.shape[0]
     logits = torch.randn(CHECK_ROWS, vocab, generator=torch.Generator().manual_seed(0)).mul_(4).to(compute)
     logits = logits.to(weight.device)
-    if not triton_ready(logits):
-        return None
     targets = torch.arange(CHECK_ROWS, device=weight.device) * 7919 % vocab
     weights = torch.linspace(0.5, 1.5, CHECK_ROWS, device=weight.device)
     args = (targets, weights, transform, True, False, compute)
     try:
+        if not triton_ready(logits):
+            return None
         loss, grad, _ = triton_softmax_grad(logits.clone(), *args)
     except Exception as e:  # noqa: BLE001 - any compile or launch failure: the eager math instead
         return f"the kernel failed here ({type(e).__name__}: {str(e)[:200]})"
     ref_loss, ref_grad, _ = softmax_grad(logits.clone(), *args)
     assert grad is not None and ref_grad is not None
     loss_error = float((loss - ref_loss).abs().max() / ref_loss.abs().max().clamp_min(1.0))
-    grad_error = float((grad.float() - ref_grad.float()).abs().max() / ref_grad.float().abs().max())
+    # norm-wise, the targets' columns (about -1 each) apart from the rest: they would hide errors in the many
+    # small probabilities
+    hot = torch.zeros_like(ref_grad, dtype=torch.bool)
+    hot[torch.arange(CHECK_ROWS, device=hot.device), targets] = True
+    error, ref = grad.float() - ref_grad.float(), ref_grad.float()
+    grad_error = max(float(error[m].norm() / ref[m].norm().clamp_min(1e-30)) for m in (hot, ~hot))
     if loss_error > 1e-4 or grad_error > 1e-2:
         return f"the kernel's numbers differ from the eager math (loss {loss_error:.2g}, gradient {grad_error:.2g})"
     return None
