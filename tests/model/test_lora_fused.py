@@ -268,3 +268,28 @@ def test_on_a_gpu_torch_compile_traces_the_layer_whole():
     x = torch.randn(2, 5, 16, device="cuda")
     compiled = torch.compile(fused, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_continued_adapter_gets_the_fused_layers_with_its_own_config(fuse_on_cpu, tmp_path, tiny_model_dir):
+    def load():
+        return load_model(tiny_model_dir, dtype="fp32", gradient_checkpointing=False).model
+
+    first = apply_tuning(load(), TuningOptions(lora_rank=4, lora_alpha=12, lora_target=("q_proj", "up_proj")))
+    with torch.no_grad():
+        for name, param in first.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    first.model.save_pretrained(tmp_path / "adapter")
+    resumed = apply_tuning(load(), TuningOptions(adapter_name_or_path=(str(tmp_path / "adapter"),))).model
+    layers = _layers(resumed)
+    assert len(layers) == 4 and all(type(m) is FusedLoraLinear for m in layers)
+    assert (
+        resumed.peft_config["default"].lora_alpha == 12 and not resumed.peft_config["default"].inference_mode
+    )
+    plain = PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    ids = torch.randint(3, 2000, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resumed(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
+    assert all(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)

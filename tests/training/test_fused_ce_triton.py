@@ -210,6 +210,7 @@ def test_the_run_check_names_a_kernel_that_fails_or_differs(monkeypatch):
     assert "failed here (RuntimeError: PTX" in kernel_fault(head, BOTH, BF16)
     monkeypatch.setattr(fused_ce_triton, "triton_softmax_grad", wrong)
     assert "differ from the eager math (loss 0, gradient 0.1)" in kernel_fault(head, BOTH, BF16)
+
     def off_elsewhere(logits: torch.Tensor, targets: torch.Tensor, *rest: Any) -> Any:
         loss, grad, bias = softmax_grad(logits, targets, *rest)
         hot = torch.zeros_like(grad, dtype=torch.bool)

@@ -155,7 +155,8 @@ def _apply_lora(
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
         logger.info("merged adapter %s into the base model", path)
     if resume is not None:
-        model = PeftModel.from_pretrained(model, resume, is_trainable=True)
+        config = None if quantized else _resumed_lora_config(model, resume)
+        model = PeftModel.from_pretrained(model, resume, is_trainable=True, config=config)
         config = model.peft_config["default"]
         logger.info("continuing adapter %s", resume)
         return _result(
@@ -190,6 +191,18 @@ def _apply_lora(
         _fuse_lora_layers(model, config, targets)
     model = get_peft_model(model, config)
     return _result(model, "lora", targets, to_save)
+
+
+def _resumed_lora_config(model: nn.Module, path: str) -> Any:
+    """A continued LoRA adapter's own config with the fused layers registered (`_fuse_lora_layers`), or None
+    (PEFT reads the config itself) for another adapter type or targets given as a pattern."""
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(path)
+    if not isinstance(config, LoraConfig) or not isinstance(config.target_modules, (list, set, tuple)):
+        return None
+    _fuse_lora_layers(model, config, tuple(config.target_modules))
+    return config
 
 
 def _fuse_lora_layers(model: nn.Module, config: Any, targets: Sequence[str]) -> None:
