@@ -14,6 +14,9 @@ the fused loss head, AdamW, gradient clipping), four ways:
   (the optimizer and clipping stay outside the graph), the gradients allocated in the graph's pool;
 - eager_graph_inplace, compiled_graph_inplace: the gradients allocated before the capture and zeroed before
   each replay, which accumulates into them in place (no gradient copy in the pool: the trainer's candidate).
+- eager_fusedlora(_fusednorm), eager_graph_inplace_fusedlora(_fusednorm): the trainer's LoRA layers
+  (model/lora_fused.py: PEFT's eagerly, fused while captured), and, as an experiment the library does not
+  run, every RMSNorm as torch's rms_norm times its weight (`FusedNorm`); with --mixed, as the trainer runs.
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
 memory, optimizer steps taken (counted from AdamW's state), compiled decoder layers, the first step's loss and
 its gradients (relative L2 of a few LoRA weights'), and the loss after the last step. Checks: every variant
@@ -57,6 +60,10 @@ VARIANTS = (
     "compiled_graph_inplace",
     "eager_fusedlora",  # model/lora_fused.py (the trainer's LoRA layers): PEFT's eagerly, fused while captured
     "eager_graph_inplace_fusedlora",
+    # an experiment, not the library's: every RMSNorm as torch's own rms_norm (one kernel where torch fuses
+    # it) times its weight, HF's numbers up to the reduction's order; measured before the library takes it
+    "eager_fusedlora_fusednorm",
+    "eager_graph_inplace_fusedlora_fusednorm",
 )
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}
 # a graph variant against its twin: the same kernels, replayed (flash-attention's backward sums with atomics)
@@ -76,9 +83,33 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
     return out
 
 
+class FusedNorm:
+    """Builds the `_fusednorm` variants' stand-in for an HF RMSNorm (same weight parameter)."""
+
+    @staticmethod
+    def swap(model: Any) -> int:
+        """Replace every ``*RMSNorm`` module of ``model`` in place; returns how many."""
+        import torch
+
+        class RMSNorm(torch.nn.Module):
+            def __init__(self, norm: Any) -> None:
+                super().__init__()
+                self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+            def forward(self, x: Any) -> Any:  # HF: weight * normalised(x in fp32).to(x.dtype)
+                return self.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+        found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
+        for name, module in found:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, RMSNorm(module))
+        return len(found)
+
+
 def build(
-    config: dict, dtype: Any, dev: Any, attn: str, compiled: bool, fused_lora: bool = False
-) -> tuple[Any, list, Any, int]:
+    config: dict, dtype: Any, dev: Any, attn: str, compiled: bool, fused_lora: bool = False,
+    fused_norm: bool = False,
+) -> tuple[Any, list, Any, int]:  # fmt: skip
     """A fresh LoRA model (same seed every time), its trained parameters, AdamW and its compiled layers."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -89,6 +120,8 @@ def build(
 
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=attn)).to(dev, dtype)
+    if fused_norm and not FusedNorm.swap(base):
+        raise RuntimeError("no RMSNorm module to swap")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     if fused_lora:
         register_fused_lora(lora)
@@ -129,7 +162,9 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
     cuda = dev.type == "cuda"
     attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(Qwen2Config(**config)))
     compiled = name.startswith("compiled")
-    model, trained, opt, layers = build(config, dtype, dev, attn, compiled, name.endswith("_fusedlora"))
+    model, trained, opt, layers = build(
+        config, dtype, dev, attn, compiled, "_fusedlora" in name, "_fusednorm" in name
+    )
     uncast = layers_to_uncast(model, autocast=a.mixed, engine=False)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     labels, rows = inputs.pop("labels"), inputs.pop(LOSS_ROWS)

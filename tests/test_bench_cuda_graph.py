@@ -98,3 +98,26 @@ def test_mixed_fused_lora_variant_runs_and_matches_eager(tmp_path: Path) -> None
     d = json.loads(out.read_text())
     assert "--mixed" in d["model"] and d["checks"]["pass"]
     assert d["variants"]["eager_fusedlora"]["optimizer_steps"] == 4
+
+
+def test_fused_norm_variant_swaps_every_norm_and_matches_eager(tmp_path: Path) -> None:
+    """The `_fusednorm` experiment: HF's RMSNorm as torch's rms_norm times the weight, the same numbers (fp32
+    CPU smoke: up to the reduction's order)."""
+    proc, out = _run(tmp_path, "--variants", "eager", "eager_fusedlora_fusednorm")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["checks"]["pass"], d["checks"]
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**cgs.SMOKE_SHAPE)).eval()
+    with torch.no_grad():  # weights other than 1, so the weight's product counts
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert cgs.FusedNorm.swap(model) == 2 * 2 + 1  # two per layer and the final one
+        assert not any(type(m).__name__ == "Qwen2RMSNorm" for m in model.modules())
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
