@@ -16,7 +16,7 @@ the fused loss head, AdamW, gradient clipping), four ways:
   each replay, which accumulates into them in place (no gradient copy in the pool: the trainer's candidate).
 - eager_fusedlora(_fusednorm), eager_graph_inplace_fusedlora(_fusednorm): the trainer's LoRA layers
   (model/lora_fused.py: PEFT's eagerly, fused while captured), and, as an experiment the library does not
-  run, every RMSNorm as torch's rms_norm times its weight (`FusedNorm`); with --mixed, as the trainer runs.
+  run, every RMSNorm as torch's rms_norm times its weight (`swap_norms`); with --mixed, as the trainer runs.
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
 memory, optimizer steps taken (counted from AdamW's state), compiled decoder layers, the first step's loss and
 its gradients (relative L2 of a few LoRA weights'), and the loss after the last step. Checks: every variant
@@ -83,27 +83,24 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
     return out
 
 
-class FusedNorm:
-    """Builds the `_fusednorm` variants' stand-in for an HF RMSNorm (same weight parameter)."""
+def swap_norms(model: Any) -> int:
+    """The `_fusednorm` variants: every ``*RMSNorm`` module of ``model`` replaced in place by torch's
+    rms_norm times the same weight parameter; returns how many."""
+    import torch
 
-    @staticmethod
-    def swap(model: Any) -> int:
-        """Replace every ``*RMSNorm`` module of ``model`` in place; returns how many."""
-        import torch
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, norm: Any) -> None:
+            super().__init__()
+            self.weight, self.eps = norm.weight, norm.variance_epsilon
 
-        class RMSNorm(torch.nn.Module):
-            def __init__(self, norm: Any) -> None:
-                super().__init__()
-                self.weight, self.eps = norm.weight, norm.variance_epsilon
+        def forward(self, x: Any) -> Any:  # HF: weight * normalised(x in fp32).to(x.dtype)
+            return self.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
-            def forward(self, x: Any) -> Any:  # HF: weight * normalised(x in fp32).to(x.dtype)
-                return self.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
-
-        found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
-        for name, module in found:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, RMSNorm(module))
-        return len(found)
+    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    for name, module in found:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, RMSNorm(module))
+    return len(found)
 
 
 def build(
@@ -120,7 +117,7 @@ def build(
 
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=attn)).to(dev, dtype)
-    if fused_norm and not FusedNorm.swap(base):
+    if fused_norm and not swap_norms(base):
         raise RuntimeError("no RMSNorm module to swap")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     if fused_lora:

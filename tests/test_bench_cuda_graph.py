@@ -118,6 +118,6 @@ def test_fused_norm_variant_swaps_every_norm_and_matches_eager(tmp_path: Path) -
     ids = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        assert cgs.FusedNorm.swap(model) == 2 * 2 + 1  # two per layer and the final one
+        assert cgs.swap_norms(model) == 2 * 2 + 1  # two per layer and the final one
         assert not any(type(m).__name__ == "Qwen2RMSNorm" for m in model.modules())
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

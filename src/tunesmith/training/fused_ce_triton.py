@@ -191,14 +191,14 @@ def kernel_fault(weight: torch.Tensor, transform: LogitTransform, compute: torch
     A triton that cannot compile it for this GPU, or gets other numbers, costs the run its speed-up only.
     """
     vocab = weight.shape[0]
-    logits = torch.randn(CHECK_ROWS, vocab, generator=torch.Generator().manual_seed(0)).mul_(4).to(compute)
-    logits = logits.to(weight.device)
-    targets = torch.arange(CHECK_ROWS, device=weight.device) * 7919 % vocab
-    weights = torch.linspace(0.5, 1.5, CHECK_ROWS, device=weight.device)
-    args = (targets, weights, transform, True, False, compute)
     try:
-        if not triton_ready(logits):
+        if not triton_ready(weight):  # the check's logits go to the head's device; nothing made without it
             return None
+        logits = torch.randn(CHECK_ROWS, vocab, generator=torch.Generator().manual_seed(0)).mul_(4)
+        logits = logits.to(compute).to(weight.device)
+        targets = torch.arange(CHECK_ROWS, device=weight.device) * 7919 % vocab
+        weights = torch.linspace(0.5, 1.5, CHECK_ROWS, device=weight.device)
+        args = (targets, weights, transform, True, False, compute)
         loss, grad, _ = triton_softmax_grad(logits.clone(), *args)
     except Exception as e:  # noqa: BLE001 - any compile or launch failure: the eager math instead
         return f"the kernel failed here ({type(e).__name__}: {str(e)[:200]})"

@@ -78,11 +78,7 @@ class FusedHead:
             f"head {list(w.shape)} {dtypes[0]}, matmuls in {dtypes[1]}, {self.transform}, "
             f"chunks of {self.chunk_rows} rows"
             + (f", softmax compiled ({self.compile_backend})" if self.compile_backend else "")
-            + (
-                ""
-                if self.kernel or self.compile_backend
-                else ", softmax eager (its Triton kernel failed its check)"
-            )
+            + ("" if self.kernel else ", softmax eager (its Triton kernel failed its check)")
         )
 
     def loss_sum(
