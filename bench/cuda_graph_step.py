@@ -14,9 +14,10 @@ the fused loss head, AdamW, gradient clipping), four ways:
   (the optimizer and clipping stay outside the graph), the gradients allocated in the graph's pool;
 - eager_graph_inplace, compiled_graph_inplace: the gradients allocated before the capture and zeroed before
   each replay, which accumulates into them in place (no gradient copy in the pool: the trainer's candidate).
-- eager_fusedlora(_fusednorm), eager_graph_inplace_fusedlora(_fusednorm): the trainer's LoRA layers
-  (model/lora_fused.py: PEFT's eagerly, fused while captured), and, as an experiment the library does not
-  run, every RMSNorm as torch's rms_norm times its weight (`swap_norms`); with --mixed, as the trainer runs.
+- eager_fusedlora, eager_graph_inplace_fusedlora: the trainer's LoRA layers (model/lora_fused.py: PEFT's
+  eagerly, fused while captured); with _fusednorm, every RMSNorm as torch's rms_norm (model/fused_norm.py);
+  with _fusedlayers, that and the MLP's SwiGLU kernel (model/fused_layers.py, the trainer's default on a
+  GPU); with --mixed, as the trainer runs.
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
 memory, optimizer steps taken (counted from AdamW's state), compiled decoder layers, the first step's loss and
 its gradients (relative L2 of a few LoRA weights'), and the loss after the last step. Checks: every variant
@@ -60,10 +61,12 @@ VARIANTS = (
     "compiled_graph_inplace",
     "eager_fusedlora",  # model/lora_fused.py (the trainer's LoRA layers): PEFT's eagerly, fused while captured
     "eager_graph_inplace_fusedlora",
-    # an experiment, not the library's: every RMSNorm as torch's own rms_norm (one kernel where torch fuses
-    # it) times its weight, HF's numbers up to the reduction's order; measured before the library takes it
+    # model/fused_norm.py alone (every RMSNorm as torch's rms_norm times its weight), and model/fused_layers.py
+    # (that and model/fused_swiglu.py's MLP kernel): the trainer's default on a GPU
     "eager_fusedlora_fusednorm",
     "eager_graph_inplace_fusedlora_fusednorm",
+    "eager_fusedlora_fusedlayers",
+    "eager_graph_inplace_fusedlora_fusedlayers",
 )
 TOLERANCE = {"gpu": {"loss_rel": 1e-2, "grad_rel": 5e-2}, "cpu": {"loss_rel": 1e-5, "grad_rel": 1e-4}}
 # a graph variant against its twin: the same kernels, replayed (flash-attention's backward sums with atomics)
@@ -83,29 +86,9 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
     return out
 
 
-def swap_norms(model: Any) -> int:
-    """The `_fusednorm` variants: every ``*RMSNorm`` module of ``model`` replaced in place by torch's
-    rms_norm times the same weight parameter; returns how many."""
-    import torch
-
-    class RMSNorm(torch.nn.Module):
-        def __init__(self, norm: Any) -> None:
-            super().__init__()
-            self.weight, self.eps = norm.weight, norm.variance_epsilon
-
-        def forward(self, x: Any) -> Any:  # HF: weight * normalised(x in fp32).to(x.dtype)
-            return self.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=self.eps)
-
-    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
-    for name, module in found:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, RMSNorm(module))
-    return len(found)
-
-
 def build(
     config: dict, dtype: Any, dev: Any, attn: str, compiled: bool, fused_lora: bool = False,
-    fused_norm: bool = False,
+    fused: str | None = None,
 ) -> tuple[Any, list, Any, int]:  # fmt: skip
     """A fresh LoRA model (same seed every time), its trained parameters, AdamW and its compiled layers."""
     import torch
@@ -113,12 +96,14 @@ def build(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tunesmith.model.compile import compile_decoder_layers
+    from tunesmith.model.fused_layers import fuse_layers
+    from tunesmith.model.fused_norm import fuse_rms_norms
     from tunesmith.model.lora_fused import register_fused_lora
 
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=attn)).to(dev, dtype)
-    if fused_norm and not swap_norms(base):
-        raise RuntimeError("no RMSNorm module to swap")
+    if fused == "norm" and not fuse_rms_norms(base).swapped:
+        raise RuntimeError("no RMSNorm module swapped")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     if fused_lora:
         register_fused_lora(lora)
@@ -126,6 +111,10 @@ def build(
     for name, p in model.named_parameters():  # LoRA B starts at zero: give the gradients something to show
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    if fused == "layers":  # as the trainer: after the adapters, before compiling
+        done = fuse_layers(model)
+        if not done.norms or not done.mlps:
+            raise RuntimeError(f"fused layers not taken: {done.describe()}")
     model.train()
     layers = compile_decoder_layers(model, backend="inductor") if compiled else 0
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -160,8 +149,9 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
     attn = varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(Qwen2Config(**config)))
     compiled = name.startswith("compiled")
     model, trained, opt, layers = build(
-        config, dtype, dev, attn, compiled, "_fusedlora" in name, "_fusednorm" in name
-    )
+        config, dtype, dev, attn, compiled, "_fusedlora" in name,
+        "norm" if "_fusednorm" in name else "layers" if "_fusedlayers" in name else None,
+    )  # fmt: skip
     uncast = layers_to_uncast(model, autocast=a.mixed, engine=False)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     labels, rows = inputs.pop("labels"), inputs.pop(LOSS_ROWS)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,11 @@ def _run(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.Com
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout), out
 
 
+# slow (about 90 s of inductor on 2 cores): the compiled layers and head it runs are the library's, covered by
+# tests/training/test_compile.py (a compiled LoRA run against eager) and test_fused_ce_chunk.py (compiled head)
+@pytest.mark.slow
 def test_cpu_smoke_compiled_step_matches_eager_and_writes_the_result(tmp_path: Path) -> None:
-    proc, out = _run(tmp_path)
+    proc, out = _run(tmp_path, "--variants", "eager", "compiled")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["mode"] == "cpu" and d["checks"]["pass"] and d["checks"]["failed_to_run"] == []
@@ -100,24 +104,13 @@ def test_mixed_fused_lora_variant_runs_and_matches_eager(tmp_path: Path) -> None
     assert d["variants"]["eager_fusedlora"]["optimizer_steps"] == 4
 
 
-def test_fused_norm_variant_swaps_every_norm_and_matches_eager(tmp_path: Path) -> None:
-    """The `_fusednorm` experiment: HF's RMSNorm as torch's rms_norm times the weight, the same numbers (fp32
-    CPU smoke: up to the reduction's order)."""
-    proc, out = _run(tmp_path, "--variants", "eager", "eager_fusedlora_fusednorm")
+def test_fused_layer_variants_run_the_librarys_swaps_and_match_eager(tmp_path: Path) -> None:
+    """The `_fusednorm` / `_fusedlayers` variants: the library's RMSNorm and SwiGLU swaps (model/fused_norm.py,
+    model/fused_layers.py), the same numbers as eager (fp32 CPU smoke: up to the reduction's order)."""
+    proc, out = _run(
+        tmp_path, "--variants", "eager", "eager_fusedlora_fusednorm", "eager_fusedlora_fusedlayers"
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["checks"]["pass"], d["checks"]
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**cgs.SMOKE_SHAPE)).eval()
-    with torch.no_grad():  # weights other than 1, so the weight's product counts
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    ids = torch.randint(0, 512, (1, 9))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        assert cgs.swap_norms(model) == 2 * 2 + 1  # two per layer and the final one
-        assert not any(type(m).__name__ == "Qwen2RMSNorm" for m in model.modules())
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not d["checks"]["failed_to_run"]

@@ -50,6 +50,13 @@ class ModelArgs:
         "less activation memory for long sequences, one more MLP forward per step (dense gated MLPs).",
         ge=1,
     )
+    fused_layers: bool | None = opt(
+        None,
+        "Swap the model's RMSNorm layers for torch's fused rms_norm and its gated SiLU MLPs' silu(gate) * up "
+        "for one Triton kernel each way (the same numbers up to rounding, parameter names unchanged), for the "
+        "layer classes a probe at start shows compute exactly that (logged). Unset: on for training on a GPU; "
+        "true: also on CPU (where the MLP keeps the eager math); false: off.",
+    )
     offload_activations: bool = opt(
         False,
         "Keep each checkpointed decoder layer's input in pinned CPU memory from forward to backward (copied "

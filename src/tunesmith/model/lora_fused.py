@@ -41,7 +41,12 @@ logger = logging.getLogger(__name__)
 
 class _LoraLinear(torch.autograd.Function):
     """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` and trained ``A``/``B``, in ``x``'s dtype; 2-D
-    in and out (a view of its output would forbid a model's in-place op on it, as OLMo's q/k/v clamp)."""
+    in and out (a view of its output would forbid a model's in-place op on it, as OLMo's q/k/v clamp).
+
+    The scaling rides on A's cast to the compute dtype (one kernel makes ``s A`` in bf16), and the adapters'
+    gradients come out of their matmuls in the adapters' own dtype (`_mm_to`: cuBLAS writes fp32 from bf16
+    operands), so a layer launches 5 kernels forward and 6 backward besides autograd's accumulation, where a
+    scaling of ``x A^T`` and of ``dy B`` and a cast of each gradient made 6 and 8."""
 
     @staticmethod
     def forward(
@@ -50,30 +55,50 @@ class _LoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:  # fmt: skip
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xa = x @ a.t()
-            if scaling != 1.0:
-                xa = xa * scaling
+            a_s = torch.mul(lora_a, scaling, out=torch.empty_like(lora_a, dtype=dtype))  # s A, cast
+            b = lora_b.to(dtype)
+            xa = x @ a_s.t()  # s x A^T
             y = torch.nn.functional.linear(x, weight, bias)
             y.addmm_(xa, b.t())
-        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.save_for_backward(x, weight, a_s, b, xa)
         ctx.scaling = scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight, a, b, xa = ctx.saved_tensors
+        x2, weight, a_s, b, xa = ctx.saved_tensors
         dy = grad.to(x2.dtype)
-        g = dy @ b
-        if ctx.scaling != 1.0:
-            g = g * ctx.scaling
+        g = dy @ b  # dy B
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ weight).addmm_(g, a)
-        da = (g.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
-        db = (dy.t() @ xa).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
+            dx = (dy @ weight).addmm_(g, a_s)  # dy W + s (dy B) A
+        da = db = None
+        if ctx.needs_input_grad[3]:  # s (dy B)^T x
+            da = _mm_to(g.t(), x2, ctx.dtypes[0])
+            if ctx.scaling != 1.0:
+                da.mul_(ctx.scaling)
+        if ctx.needs_input_grad[4]:  # dy^T (s x A^T)
+            db = _mm_to(dy.t(), xa, ctx.dtypes[1])
         return dx, None, None, da, db, None
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (CUDA kernels only)
+
+
+def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``m1 @ m2`` written in ``dtype``: by the matmul itself where torch has it (CUDA, fp32 out of bf16 or
+    fp16, accumulated in fp32 as a plain matmul is), else the matmul in the operands' dtype, then cast."""
+    if dtype == m1.dtype:
+        return m1 @ m2
+    if (
+        _MM_OUT_DTYPE
+        and m1.is_cuda
+        and dtype == torch.float32
+        and m1.dtype in (torch.bfloat16, torch.float16)
+    ):
+        return torch.mm(m1, m2, out_dtype=dtype)
+    return (m1 @ m2).to(dtype)
 
 
 class FusedLoraLinear(LoraLinear):

@@ -116,6 +116,10 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     if auto_ckpt:
         auto_checkpointing(tuned.model, tokens=args.per_device_train_batch_size * cfg.data.cutoff_len,
                            device=args.device, precision=precision)  # fmt: skip
+    if cfg.model.fused_layers or (cfg.model.fused_layers is None and torch.cuda.is_available()):
+        from tunesmith.model.fused_layers import fuse_layers
+
+        fuse_layers(tuned.model)
     backend = compile_backend(hf)
     if backend is not None:  # with FSDP or ZeRO-3 it is refused when the config loads
         from tunesmith.model.compile import compile_decoder_layers

@@ -1,0 +1,212 @@
+"""A gated SiLU MLP's ``silu(gate) * up`` as one Triton kernel forward and one backward.
+
+Transformers' dense MLP (Llama, Qwen2/3, Mistral, ...) is ``down(act(gate(x)) * up(x))``. Eagerly that is a
+SiLU kernel and a product forward, and three kernels backward (the product's two gradients and SiLU's),
+each a pass over ``[tokens x intermediate]`` (4,864 wide in Qwen2.5-0.5B, 8,192 in Llama-3.2-1B), and
+autograd keeps ``silu(gate)`` for backward besides ``gate`` and ``up``. `swiglu` reads ``gate`` and ``up``
+once forward and writes the product; backward reads the incoming gradient, ``gate`` and ``up`` once and
+writes both gradients, recomputing the SiLU in registers. The numbers are eager's: SiLU rounded to the
+compute dtype before the product, the product's gradient rounded before SiLU's backward, fp32 inside.
+
+`FusedSwiGLUMLP` wraps a decoder layer's MLP (its submodules stay registered under their own names, so
+parameter names, adapters and saved models do not change) and computes ``down(swiglu(gate(x), up(x)))``.
+An MLP class is wrapped only after a probe shows the wrapper gives the class's own output (a GELU MLP, or
+one with an extra term, fails and keeps its code). The kernel runs on CUDA tensors with triton installed,
+outside torch.compile (inductor fuses the eager math itself); elsewhere `swiglu` is the eager math.
+Importing this module never imports triton: `_kernels` does, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("tunesmith")
+
+BLOCK = 1024  # elements a program handles (4 warps, 8 a thread)
+tl: Any = None  # triton.language, bound by `_kernels` (the kernels' source resolves `tl` in this module)
+
+
+def _swiglu_forward(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):  # noqa: N803 - triton's constexpr
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as eager's SiLU
+    tl.store(out_ptr + offsets, (act * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _swiglu_backward(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):  # noqa: N803
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    act = (gate * sig).to(dup_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dup_ptr + offsets, (grad * act).to(dup_ptr.dtype.element_ty), mask=inside)
+    dact = (grad * up).to(dgate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as eager's product backward
+    dgate = dact * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(dgate_ptr + offsets, dgate.to(dgate_ptr.dtype.element_ty), mask=inside)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    forward: Any
+    backward: Any
+    interpreted: bool  # TRITON_INTERPRET was on when they were built: they run on CPU tensors too
+
+
+@functools.cache
+def _kernels() -> _Kernels | None:
+    """The jit kernels, built once a process; None without triton (or where triton cannot build them).
+
+    ``n`` is not specialised: a batch of another size never compiles a variant, perhaps inside a CUDA
+    graph capture."""
+    global tl
+    try:
+        import triton
+        import triton.language
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    tl = triton.language
+    try:
+        forward = triton.jit(_swiglu_forward, do_not_specialize=["n"])
+        backward = triton.jit(_swiglu_backward, do_not_specialize=["n"])
+    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
+        log.warning("fused swiglu: the Triton kernels cannot be built (%s: %s); the eager math runs",
+                    type(e).__name__, e)  # fmt: skip
+        return None
+    return _Kernels(forward, backward, isinstance(forward, InterpretedFunction))
+
+
+def kernel_ready(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `swiglu` runs the kernel on these operands: same shape and floating dtype, on a GPU (or in
+    triton's interpreter, for tests), not while torch.compile traces."""
+    if torch.compiler.is_compiling() or gate.shape != up.shape or gate.dtype != up.dtype:
+        return False
+    if not gate.is_floating_point() or gate.device != up.device:
+        return False
+    kernels = _kernels()
+    return kernels is not None and (gate.is_cuda or kernels.interpreted)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        _launch(_kernels().forward, gate, up, out)  # type: ignore[union-attr]
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        grad = grad.to(gate.dtype).contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        _launch(_kernels().backward, grad, gate, up, dgate, dup)  # type: ignore[union-attr]
+        return dgate, dup
+
+
+def _launch(kernel: Any, *tensors: torch.Tensor) -> None:
+    n = tensors[0].numel()
+    if n:
+        kernel[(-(-n // BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=4)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: the Triton kernels where `kernel_ready`, else the eager math."""
+    if kernel_ready(gate, up):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` over a dense gated MLP's own submodules."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.replaces = type(mlp).__name__
+        for name, child in mlp.named_children():  # the same names: parameter names do not change
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}"
+
+
+GATED = ("gate_proj", "up_proj", "down_proj")
+
+
+def _shape_reason(mlp: nn.Module) -> str | None:
+    if not all(isinstance(getattr(mlp, n, None), nn.Module) for n in GATED):
+        return "not a gated MLP (gate_proj, up_proj, down_proj)"
+    if list(mlp.parameters(recurse=False)) or list(mlp.buffers(recurse=False)):
+        return "weights of its own besides its projections"
+    return None
+
+
+@torch.no_grad()
+def probe(mlp: nn.Module) -> str | None:
+    """None when `FusedSwiGLUMLP` gives ``mlp``'s own output on random rows (in its dtype and device, through
+    the kernel where it would run); else why not."""
+    reason = _shape_reason(mlp)
+    if reason is not None:
+        return reason
+    weight = next(mlp.parameters(), None)
+    if weight is None or weight.device.type == "meta" or weight.numel() == 0:
+        return "weights not materialised (sharded or on the meta device)"
+    training = mlp.training
+    mlp.eval()  # no dropout (LoRA's): the two forwards must see the same function
+    try:
+        hidden = mlp.gate_proj.in_features
+        x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0))
+        x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+        want = type(mlp).forward(mlp, x)
+        got = FusedSwiGLUMLP(mlp)(x)
+    except Exception as e:  # noqa: BLE001 - an MLP that cannot be probed keeps its own code
+        return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        mlp.train(training)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return "returns something else than one tensor of the wrapper's shape"
+    tol = max(8 * torch.finfo(want.dtype).eps, 1e-5)  # a rounding or two of the compute dtype, through down
+    row_scale = want.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
+    worst = ((want.float() - got.float()).abs() / row_scale).max().item()
+    if not worst <= tol:
+        return f"differs from down(silu(gate) * up) by {worst:.3g} of a row's largest value (tolerance {tol:.3g})"
+    return None
+
+
+def fuse_swiglu_mlps(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
+    """Wrap the ``mlp`` of each decoder layer whose class passes `probe`; returns (wrapped, {class kept: why}).
+    MLPs already wrapped (tiled_mlp_tokens' TiledMLP) are left as they are."""
+    verdicts: dict[type, str | None] = {}
+    done, kept = 0, {}
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, nn.Module) or isinstance(mlp, FusedSwiGLUMLP):
+            continue
+        cls = type(mlp)
+        if not cls.__module__.startswith(("transformers.", "transformers_modules.")):
+            kept[cls.__name__] = "not a transformers MLP (another wrapper or library chose it)"
+            continue
+        if cls not in verdicts:
+            verdicts[cls] = probe(mlp)
+        reason = verdicts[cls] or _shape_reason(mlp)
+        if reason is not None:
+            kept[cls.__name__] = reason
+            continue
+        layer.mlp = FusedSwiGLUMLP(mlp)
+        done += 1
+    return done, kept
