@@ -14,8 +14,9 @@ the fused loss head, AdamW, gradient clipping), four ways:
   (the optimizer and clipping stay outside the graph), the gradients allocated in the graph's pool;
 - eager_graph_inplace, compiled_graph_inplace: the gradients allocated before the capture and zeroed before
   each replay, which accumulates into them in place (no gradient copy in the pool: the trainer's candidate).
-- eager_fusedlora, eager_graph_inplace_fusedlora: the trainer's LoRA layers (model/lora_fused.py: PEFT's
-  eagerly, fused while captured); with _fusednorm, every RMSNorm as torch's rms_norm (model/fused_norm.py);
+- eager_fusedlora, eager_graph_inplace_fusedlora: the trainer's LoRA layers (model/lora_fused.py, fused
+  while captured), the eager one running the same fused math eagerly (`fuse_eagerly`: the graph's twin; the
+  trainer runs PEFT's layers eagerly, which `eager` times); with _fusednorm, every RMSNorm as torch's rms_norm (model/fused_norm.py);
   with _fusedlayers, that and the MLP's SwiGLU kernel (model/fused_layers.py, the trainer's default on a
   GPU); with --mixed, as the trainer runs.
 Reported per variant: ms per optimizer step (mean over --steps after warm-up, one sync at the end), peak
@@ -88,7 +89,7 @@ def rows_like_alpaca(rows: int, vocab: int, lo: int, hi: int, seed: int = 0) -> 
 
 def build(
     config: dict, dtype: Any, dev: Any, attn: str, compiled: bool, fused_lora: bool = False,
-    fused: str | None = None,
+    fused: str | None = None, graphed: bool = False,
 ) -> tuple[Any, list, Any, int]:  # fmt: skip
     """A fresh LoRA model (same seed every time), its trained parameters, AdamW and its compiled layers."""
     import torch
@@ -98,7 +99,7 @@ def build(
     from tunesmith.model.compile import compile_decoder_layers
     from tunesmith.model.fused_layers import fuse_layers
     from tunesmith.model.fused_norm import fuse_rms_norms
-    from tunesmith.model.lora_fused import register_fused_lora
+    from tunesmith.model.lora_fused import FusedLoraLinear, register_fused_lora
 
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=attn)).to(dev, dtype)
@@ -111,6 +112,10 @@ def build(
     for name, p in model.named_parameters():  # LoRA B starts at zero: give the gradients something to show
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    if fused_lora and not graphed:  # the graph variant's twin: the same fused layers, run eagerly
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.fuse_eagerly = True
     if fused == "layers":  # as the trainer: after the adapters, before compiling
         done = fuse_layers(model)
         if not done.norms or not done.mlps:
@@ -150,7 +155,7 @@ def run_variant(name: str, a: argparse.Namespace, config: dict, batch: dict, dev
     compiled = name.startswith("compiled")
     model, trained, opt, layers = build(
         config, dtype, dev, attn, compiled, "_fusedlora" in name,
-        "norm" if "_fusednorm" in name else "layers" if "_fusedlayers" in name else None,
+        "norm" if "_fusednorm" in name else "layers" if "_fusedlayers" in name else None, "_graph" in name,
     )  # fmt: skip
     uncast = layers_to_uncast(model, autocast=a.mixed, engine=False)
     inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -238,7 +238,9 @@ def run_side(
             line[-600:] for line in output.splitlines() if any(w in line for w in watched)
         ][:6]
         # and which layers it swapped for fused kernels (model/fused_layers.py)
-        result["fused_layers_log"] = [line[-600:] for line in output.splitlines() if "fused layers:" in line][:2]
+        result["fused_layers_log"] = [line[-600:] for line in output.splitlines() if "fused layers:" in line][
+            :2
+        ]
     if rc != 0:
         result["output_tail"] = output[-6000:]
     return result

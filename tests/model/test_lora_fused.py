@@ -293,3 +293,20 @@ def test_a_continued_adapter_gets_the_fused_layers_with_its_own_config(fuse_on_c
             resumed(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4
         )
     assert all(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)
+
+
+def test_fuse_eagerly_takes_the_fused_path_outside_a_capture():
+    """The bench's eager twin of a captured step: `fuse_eagerly` on a layer runs the fused math eagerly,
+    with PEFT's numbers; off (the default), an eager step is PEFT's own forward."""
+    plain, fused = _pair()
+    x = torch.randn(2, 5, 16)
+    spy = mock.patch.object(lora_fused._LoraLinear, "apply", wraps=lora_fused._LoraLinear.apply)
+    with spy as calls:
+        _grads(fused, x)
+        assert calls.call_count == 0
+        for m in _layers(fused):
+            m.fuse_eagerly = True
+        got = _grads(fused, x)
+        assert calls.call_count == len(_layers(fused))
+    for a, b in zip(_grads(plain, x), got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

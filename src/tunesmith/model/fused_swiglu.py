@@ -29,22 +29,28 @@ from torch import nn
 
 log = logging.getLogger("tunesmith")
 
-BLOCK = 1024  # elements a program handles (4 warps, 8 a thread)
+BLOCK = 1024  # columns a program handles (4 warps, 8 a thread)
 tl: Any = None  # triton.language, bound by `_kernels` (the kernels' source resolves `tl` in this module)
 
 
-def _swiglu_forward(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):  # noqa: N803 - triton's constexpr
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < n
+# One program per (row, block of BLOCK columns); the row width COLS is a constant (the MLP's intermediate size:
+# one compile per model), so the column mask's divisibility is known and loads stay vectorised whatever the
+# row count, which is the grid only (a batch of another size never compiles a variant, perhaps inside a CUDA
+# graph capture).
+def _swiglu_forward(gate_ptr, up_ptr, out_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: N803
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < COLS
+    offsets = tl.program_id(0).to(tl.int64) * COLS + cols
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as eager's SiLU
     tl.store(out_ptr + offsets, (act * up).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _swiglu_backward(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):  # noqa: N803
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < n
+def _swiglu_backward(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: N803
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < COLS
+    offsets = tl.program_id(0).to(tl.int64) * COLS + cols
     grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -65,10 +71,7 @@ class _Kernels:
 
 @functools.cache
 def _kernels() -> _Kernels | None:
-    """The jit kernels, built once a process; None without triton (or where triton cannot build them).
-
-    ``n`` is not specialised: a batch of another size never compiles a variant, perhaps inside a CUDA
-    graph capture."""
+    """The jit kernels, built once a process; None without triton (or where triton cannot build them)."""
     global tl
     try:
         import triton
@@ -78,8 +81,7 @@ def _kernels() -> _Kernels | None:
         return None
     tl = triton.language
     try:
-        forward = triton.jit(_swiglu_forward, do_not_specialize=["n"])
-        backward = triton.jit(_swiglu_backward, do_not_specialize=["n"])
+        forward, backward = triton.jit(_swiglu_forward), triton.jit(_swiglu_backward)
     except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
         log.warning("fused swiglu: the Triton kernels cannot be built (%s: %s); the eager math runs",
                     type(e).__name__, e)  # fmt: skip
@@ -117,9 +119,10 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def _launch(kernel: Any, *tensors: torch.Tensor) -> None:
-    n = tensors[0].numel()
-    if n:
-        kernel[(-(-n // BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=4)
+    cols = tensors[0].shape[-1]
+    rows = tensors[0].numel() // max(cols, 1)
+    if rows and cols:
+        kernel[(rows, -(-cols // BLOCK))](*tensors, COLS=cols, BLOCK=BLOCK, num_warps=4)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

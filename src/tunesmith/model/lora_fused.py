@@ -102,10 +102,16 @@ def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 class FusedLoraLinear(LoraLinear):
-    """PEFT's LoRA linear layer; its forward takes the fused path where it applies (`fused_operands`)."""
+    """PEFT's LoRA linear layer; its forward takes the fused path where it applies (`fused_operands`).
+
+    ``fuse_eagerly`` (False; set per layer): take the fused path outside a capture too, as the bench's eager
+    twin of a captured step does, to compare the replay with the same math run eagerly."""
+
+    fuse_eagerly = False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        operands = None if args or kwargs or not capturing(x) else fused_operands(self, x)
+        fuse = self.fuse_eagerly or capturing(x)
+        operands = None if args or kwargs or not fuse else fused_operands(self, x)
         if operands is None:
             return super().forward(x, *args, **kwargs)
         x_in, *rest = operands
