@@ -90,24 +90,32 @@ class TunesmithTrainer(Trainer):
         if self._uncast_layers is None:
             self._uncast_layers = self._layers_to_uncast(model)
         graphs = self._step_graphs(model)
-        with inputs_uncast(self._uncast_layers):
-            if graphs is not None and LOSS_ROW_WEIGHTS in inputs:
-                if not model.training:  # HF's step sets them, and a replay runs none of HF's Python
-                    model.train()
-                if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
-                    self.optimizer.train()
-                # without a token count HF divides the loss by the window's micro-batches (captured)
-                extra = (self.current_gradient_accumulation_steps,) if num_items_in_batch is None else ()
-                step = partial(super().training_step, model)
-                if not self._captured_ahead:
-                    self._captured_ahead = True
-                    self._capture_ahead(graphs, step, inputs, num_items_in_batch, extra)
-                loss = graphs.step(step, inputs, num_items_in_batch, extra)
-            else:
-                loss = super().training_step(model, inputs, num_items_in_batch)
+        if graphs is not None and LOSS_ROW_WEIGHTS in inputs:
+            if not model.training:  # HF's step sets them, and a replay runs none of HF's Python
+                model.train()
+            if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
+                self.optimizer.train()
+            # without a token count HF divides the loss by the window's micro-batches (captured)
+            extra = (self.current_gradient_accumulation_steps,) if num_items_in_batch is None else ()
+            # the LoRA layers are uncast where the step runs its Python (an eager run, a capture), not around a
+            # replay, which runs none: 2 x 168 module attribute writes a step less on the host
+            step = partial(self._uncast_step, model)
+            if not self._captured_ahead:
+                self._captured_ahead = True
+                self._capture_ahead(graphs, step, inputs, num_items_in_batch, extra)
+            loss = graphs.step(step, inputs, num_items_in_batch, extra)
+        else:
+            loss = self._uncast_step(model, inputs, num_items_in_batch)
         self.bundle.add_tokens(tokens)
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
+
+    def _uncast_step(
+        self, model: Any, inputs: dict[str, Any], num_items: Any = None, *extra: Any
+    ) -> torch.Tensor:
+        """HF's training step with the run's LoRA layers reading their input uncast (`lora_casting`)."""
+        with inputs_uncast(self._uncast_layers):
+            return super().training_step(model, inputs, num_items, *extra)
 
     def get_train_dataloader(self) -> Any:
         """HF's, built with `train_collator` when one is set: evaluation and prediction batches keep
