@@ -118,7 +118,7 @@ def build(
                 module.fuse_eagerly = True
     if fused == "layers":  # as the trainer: after the adapters, before compiling
         done = fuse_layers(model)
-        if not done.norms or not done.mlps:
+        if not done.norms or not done.mlps or not done.attentions:
             raise RuntimeError(f"fused layers not taken: {done.describe()}")
     model.train()
     layers = compile_decoder_layers(model, backend="inductor") if compiled else 0

@@ -20,6 +20,20 @@ def test_sft_with_fused_rms_norm_trains_the_same_losses(tiny_model_dir, sft_data
         logging.getLogger("tunesmith").removeHandler(messages)
     swapped = [m for m in messages.messages if m.startswith("fused layers:")]
     assert swapped == ["fused layers: 5 RMSNorm layers as torch's rms_norm (5 Qwen2RMSNorm); 2 MLPs as one "
-                       "SwiGLU kernel each way"], messages.messages  # fmt: skip
+                       "SwiGLU kernel each way; 2 attentions with one RoPE kernel each way"], messages.messages  # fmt: skip
     want, got = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "fused")
     assert len(got) == 3 and [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "setting,cuda,compiled,want",
+    [(None, True, False, True), (None, False, False, False), (True, False, False, True),
+     (False, True, False, False), (None, True, True, False), (True, True, True, False)],
+)  # fmt: skip
+def test_fused_layers_are_on_with_a_gpu_and_never_with_torch_compile(setting, cuda, compiled, want, caplog):
+    from tunesmith.training.run_steps import fused_layers_wanted
+
+    with caplog.at_level(logging.INFO, logger="tunesmith"):
+        assert fused_layers_wanted(setting, cuda=cuda, compiled=compiled) is want
+    said = "fused layers: off (torch_compile fuses these layers itself)" in caplog.text
+    assert said == (compiled and setting is not False and (cuda or bool(setting)))

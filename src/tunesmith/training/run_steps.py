@@ -116,11 +116,13 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     if auto_ckpt:
         auto_checkpointing(tuned.model, tokens=args.per_device_train_batch_size * cfg.data.cutoff_len,
                            device=args.device, precision=precision)  # fmt: skip
-    if cfg.model.fused_layers or (cfg.model.fused_layers is None and torch.cuda.is_available()):
+    backend = compile_backend(hf)
+    if fused_layers_wanted(
+        cfg.model.fused_layers, cuda=torch.cuda.is_available(), compiled=backend is not None
+    ):
         from tunesmith.model.fused_layers import fuse_layers
 
         fuse_layers(tuned.model)
-    backend = compile_backend(hf)
     if backend is not None:  # with FSDP or ZeRO-3 it is refused when the config loads
         from tunesmith.model.compile import compile_decoder_layers
 
@@ -140,6 +142,17 @@ def start_run(cfg: Config, kind: str, check_args: Callable[[Any], None] | None =
     return RunStart(
         cfg, launch, out, resume, dtype, precision, tokenizer, template, args, data, tuned, manifest
     )
+
+
+def fused_layers_wanted(setting: bool | None, *, cuda: bool, compiled: bool) -> bool:
+    """`fused_layers`: unset, on with a GPU; never with torch_compile (logged when asked for), whose inductor
+    fuses the same ops itself and would only have the wrappers to trace."""
+    if not (setting or (setting is None and cuda)):
+        return False
+    if compiled:
+        log.info("fused layers: off (torch_compile fuses these layers itself)")
+        return False
+    return True
 
 
 def auto_checkpointing(

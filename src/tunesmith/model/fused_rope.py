@@ -1,0 +1,282 @@
+"""Rotary position embedding of queries and keys as one Triton kernel forward and one backward.
+
+Transformers applies RoPE with `apply_rotary_pos_emb`: ``q * cos + rotate_half(q) * sin`` for the queries and
+again for the keys, on head-major views ([batch, heads, tokens, head_dim], transposed), which makes some ten
+elementwise kernels forward and more backward a layer, most of them strided (unvectorised) broadcasts: on an
+H200, Qwen2.5-0.5B LoRA at 1,081 tokens a step, about an eighth of the GPU time of a replayed step
+(bench/results/profile_step_gpu-2026-11-29T0139Z-default-fusedlayers-h200*). `rope` rotates both, token-major
+([batch, tokens, heads, head_dim], as the projections write them), one program per token reading its cos/sin
+row once (a launch for the queries, one for the keys); the numbers are transformers' to the bit: each product rounded to the dtype, then the sum.
+
+`FusedRopeAttention` wraps a decoder layer's attention (its projections stay registered under their own
+names; everything else is read from the wrapped module, which the attention kernels also receive) and runs
+transformers' attention forward with `rope`. Only classes of `ROPE_ATTENTION`, whose forward it reproduces
+(what each passes to the attention kernel is listed there), and only after a probe shows the wrapper gives
+the class's own output; a call with a KV cache (generation) runs the class's own forward. The kernels run on
+CUDA tensors with triton installed, outside torch.compile; elsewhere `rope` is the eager math. Importing this
+module never imports triton: `_kernels` does, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("tunesmith")
+
+tl: Any = None  # triton.language, bound by `_kernels` (the kernels' source resolves `tl` in this module)
+
+# Attention classes whose forward `FusedRopeAttention.forward` reproduces (transformers 5.x): class name ->
+# whether it passes its own `sliding_window` to the attention kernel (Qwen2 does, Llama does not).
+ROPE_ATTENTION: dict[str, bool] = {"LlamaAttention": False, "Qwen2Attention": True}
+
+
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    H: tl.constexpr, HALF: tl.constexpr, PH: tl.constexpr, PD: tl.constexpr, BACKWARD: tl.constexpr,
+):  # noqa: N803  # fmt: skip
+    """Token t (program 0) of x [T, H, 2 HALF] with cos/sin [T, 2 HALF], each product rounded to the output
+    dtype before the sum, as transformers' eager ops round them:
+    forward  out1 = x1 c1 - x2 s1,  out2 = x2 c2 + x1 s2;
+    backward (the transposed rotation of the gradient) out1 = x1 c1 + x2 s2,  out2 = x2 c2 - x1 s1."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, PD)
+    inside_d = d < HALF
+    row = t * (2 * HALF)
+    c1 = tl.load(cos_ptr + row + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + row + HALF + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + row + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + row + HALF + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
+    h = tl.arange(0, PH)
+    offs = t * H * (2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+    mask = (h[:, None] < H) & inside_d[None, :]
+    x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    ty = out_ptr.dtype.element_ty
+    a1 = (x1 * c1).to(ty).to(tl.float32)
+    a2 = (x2 * c2).to(ty).to(tl.float32)
+    if BACKWARD:
+        o1 = a1 + (x2 * s2).to(ty).to(tl.float32)
+        o2 = a2 - (x1 * s1).to(ty).to(tl.float32)
+    else:
+        o1 = a1 - (x2 * s1).to(ty).to(tl.float32)
+        o2 = a2 + (x1 * s2).to(ty).to(tl.float32)
+    tl.store(out_ptr + offs, o1.to(ty), mask=mask)
+    tl.store(out_ptr + offs + HALF, o2.to(ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    rope: Any
+    interpreted: bool  # TRITON_INTERPRET was on when it was built: it runs on CPU tensors too
+
+
+@functools.cache
+def _kernels() -> _Kernels | None:
+    """The jit kernel, built once a process; None without triton (or where triton cannot build it)."""
+    global tl
+    try:
+        import triton
+        import triton.language
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    tl = triton.language
+    try:
+        rope_fn = triton.jit(_rope_kernel)
+    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
+        log.warning("fused rope: the Triton kernel cannot be built (%s: %s); the eager math runs",
+                    type(e).__name__, e)  # fmt: skip
+        return None
+    return _Kernels(rope_fn, isinstance(rope_fn, InterpretedFunction))
+
+
+def kernel_ready(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` runs the kernel: q [B, T, Hq, D] and k [B, T, Hk, D] of one floating dtype and device
+    with cos/sin [B, T, D] of that dtype (no gradient), D even; on a GPU (or in triton's interpreter, for
+    tests), not while torch.compile traces."""
+    if torch.compiler.is_compiling() or q.dim() != 4 or k.dim() != 4:
+        return False
+    b, t, _, d = q.shape
+    if k.shape[:2] != (b, t) or k.shape[3] != d or d % 2 or cos.shape != (b, t, d) or sin.shape != cos.shape:
+        return False
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or not q.is_floating_point():
+        return False
+    if len({q.device, k.device, cos.device, sin.device}) != 1 or cos.requires_grad or sin.requires_grad:
+        return False
+    kernels = _kernels()
+    return kernels is not None and (q.is_cuda or kernels.interpreted)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x [B, T, H, D] through the kernel (cos/sin contiguous [B, T, D])."""
+    x = x.to(cos.dtype).contiguous()
+    out = torch.empty_like(x)
+    b, t, h, d = x.shape
+    if b * t:
+        _kernels().rope[(b * t,)](  # type: ignore[union-attr]
+            x, cos, sin, out, H=h, HALF=d // 2, PH=_pow2(h), PD=_pow2(d // 2), BACKWARD=backward, num_warps=4
+        )
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx: Any, dq: torch.Tensor | None, dk: torch.Tensor | None) -> Any:
+        cos, sin = ctx.saved_tensors
+        gq = None if dq is None else _rotate(dq, cos, sin, True)
+        gk = None if dk is None else _rotate(dk, cos, sin, True)
+        return gq, gk, None, None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries [B, T, Hq, D] and keys [B, T, Hk, D] rotated by cos/sin [B, T, D] as transformers'
+    `apply_rotary_pos_emb` does: the Triton kernel where `kernel_ready`, else the same eager math."""
+    if kernel_ready(q, k, cos, sin):
+        return _Rope.apply(q, k, cos, sin)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+class FusedRopeAttention(nn.Module):
+    """A `ROPE_ATTENTION` module's forward with `rope`; its projections are this module's children under
+    their own names, and every other attribute is the wrapped module's (the attention kernels get it)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_attention", attention)  # not a child: its children are this module's
+        for name, child in attention.named_children():  # not add_module: hasattr would find them through it
+            self._modules[name] = child
+        self.passes_window = ROPE_ATTENTION[type(attention).__name__]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_attention"), name)
+
+    def train(self, mode: bool = True) -> FusedRopeAttention:
+        super().train(mode)
+        self._attention.training = mode
+        return self
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Any = None,
+        attention_mask: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        inner = self._attention
+        # a KV cache (generation; transformers 5.17 names it past_key_values, 5.24 cache): the class's forward
+        if (
+            kwargs.get("past_key_values") is not None
+            or kwargs.get("cache") is not None
+            or position_embeddings is None
+        ):
+            return type(inner).forward(inner, hidden_states, position_embeddings, attention_mask, **kwargs)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("cache", None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, inner.head_dim)
+        query = inner.q_proj(hidden_states).view(hidden_shape)
+        key = inner.k_proj(hidden_states).view(hidden_shape)
+        value = inner.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = rope(query, key, cos, sin)
+        interface = _attention_interface(inner)
+        window = {"sliding_window": inner.sliding_window} if self.passes_window else {}
+        out, weights = interface(
+            inner, query.transpose(1, 2), key.transpose(1, 2), value, attention_mask,
+            dropout=0.0 if not inner.training else inner.attention_dropout, scaling=inner.scaling, **window, **kwargs,
+        )  # fmt: skip
+        out = out.reshape(*input_shape, -1).contiguous()
+        return inner.o_proj(out), weights
+
+    def extra_repr(self) -> str:
+        return f"replaces={type(self._attention).__name__}"
+
+
+def _attention_interface(module: nn.Module) -> Any:
+    """The attention kernel transformers would call for ``module``: the registered one of the model's
+    implementation, else the model file's eager forward."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = importlib.import_module(type(module).__module__).eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+
+
+@torch.no_grad()
+def probe(attention: nn.Module) -> str | None:
+    """None when `FusedRopeAttention` gives ``attention``'s own output on random tokens and rotations (in its
+    dtype and device, through the kernel where it would run); else why not."""
+    if type(attention).__name__ not in ROPE_ATTENTION:
+        return "not an attention class whose forward the fused one reproduces"
+    weight = next(attention.parameters(), None)
+    if weight is None or weight.device.type == "meta" or weight.numel() == 0:
+        return "weights not materialised (sharded or on the meta device)"
+    training = attention.training
+    attention.eval()  # no dropout (LoRA's): the two forwards must see the same function
+    try:
+        gen = torch.Generator().manual_seed(0)
+        hidden = attention.q_proj.in_features
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        x = torch.randn(1, 7, hidden, generator=gen).to(weight.device, dtype)
+        angles = torch.rand(1, 7, attention.head_dim // 2, generator=gen) * 6.3
+        angles = torch.cat((angles, angles), dim=-1)
+        rotation = (angles.cos().to(x), angles.sin().to(x))
+        want = type(attention).forward(attention, x, rotation, None)[0]
+        got = FusedRopeAttention(attention)(x, rotation, None)[0]
+    except Exception as e:  # noqa: BLE001 - an attention that cannot be probed keeps its own code
+        return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        attention.train(training)
+    tol = max(8 * torch.finfo(want.dtype).eps, 1e-5)
+    row_scale = want.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
+    worst = ((want.float() - got.float()).abs() / row_scale).max().item()
+    if not worst <= tol:
+        return (
+            f"differs from the class's forward by {worst:.3g} of a row's largest value (tolerance {tol:.3g})"
+        )
+    return None
+
+
+def fuse_rope_attention(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
+    """Wrap the ``self_attn`` of each decoder layer whose class passes `probe`; returns (wrapped, {class kept:
+    why})."""
+    verdicts: dict[type, str | None] = {}
+    done, kept = 0, {}
+    for layer in layers:
+        attention = getattr(layer, "self_attn", None)
+        if not isinstance(attention, nn.Module) or isinstance(attention, FusedRopeAttention):
+            continue
+        cls = type(attention)
+        if cls not in verdicts:
+            verdicts[cls] = probe(attention)
+        if verdicts[cls] is not None:
+            kept[cls.__name__] = verdicts[cls]  # type: ignore[assignment]
+            continue
+        layer.self_attn = FusedRopeAttention(attention)
+        done += 1
+    return done, kept

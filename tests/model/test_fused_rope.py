@@ -1,0 +1,192 @@
+"""fused_rope: the Triton kernel rotates queries and keys, and their gradients back, as transformers'
+apply_rotary_pos_emb (in triton's interpreter on the CPU, natively on a GPU); the attention wrapper keeps the
+model's numbers, names and generation, and is taken only for the classes it reproduces."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tunesmith.model.compile import decoder_layers
+from tunesmith.model.fused_rope import FusedRopeAttention, fuse_rope_attention, kernel_ready, probe, rope
+from tunesmith.model.tuning import TuningOptions, apply_tuning
+
+REPO = Path(__file__).resolve().parents[2]
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+# (batch, tokens, query heads, key heads, head_dim): Qwen2.5-0.5B's heads; a half of 20 (not a power of two)
+SHAPES = ((1, 9, 14, 2, 64), (2, 5, 4, 4, 40))
+
+
+def _operands(shape, dtype, seed=0):
+    b, t, hq, hk, d = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(b, t, hq, d, generator=g), torch.randn(b, t, hk, d, generator=g)
+    angles = torch.rand(b, t, d // 2, generator=g) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    dq, dk = torch.randn(b, t, hq, d, generator=g), torch.randn(b, t, hk, d, generator=g)
+    return [x.to(dtype) for x in (q, k, angles.cos(), angles.sin(), dq, dk)]
+
+
+def _reference(q, k, cos, sin, dq, dk):
+    """transformers' own rotation, on its head-major layout, and its gradients."""
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qe, ke = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    torch.autograd.backward((qe, ke), (dq.transpose(1, 2), dk.transpose(1, 2)))
+    return qe.transpose(1, 2).detach(), ke.transpose(1, 2).detach(), q.grad, k.grad
+
+
+def _ours(q, k, cos, sin, dq, dk):
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qe, ke = rope(q, k, cos, sin)
+    torch.autograd.backward((qe, ke), (dq, dk))
+    return qe.detach(), ke.detach(), q.grad, k.grad
+
+
+def run_interpreted(out: str) -> None:
+    """In the subprocess (TRITON_INTERPRET=1): the kernel on CPU tensors, every shape and dtype."""
+    results = {}
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            ops = _operands(shape, dtype)
+            assert kernel_ready(*ops[:4]), "TRITON_INTERPRET=1 should let the kernel run on CPU tensors"
+            results[f"{shape}-{dtype}"] = _ours(*ops)
+    torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("interpreted") / "rope.pt"
+    code = f"from tests.model.test_fused_rope import run_interpreted; run_interpreted({str(out)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rotates_and_rotates_gradients_back_as_transformers(interpreted, shape, dtype):
+    want = _reference(*_operands(shape, dtype))
+    got = interpreted[f"{shape}-{dtype}"]
+    # the interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest): two ulps in bf16
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
+    for name, w, g in zip(("q", "k", "dq", "dk"), want, got):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, **tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_is_transformers_math_to_the_bit(dtype):
+    ops = _operands(SHAPES[0], dtype)
+    if not os.environ.get("TRITON_INTERPRET"):
+        assert not kernel_ready(*ops[:4])
+    for w, g in zip(_reference(*ops), _ours(*ops)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def _model(arch: str, method: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, attn_implementation="sdpa")  # fmt: skip
+    model = (
+        Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
+    )
+    return apply_tuning(model, TuningOptions(finetuning_type=method, lora_rank=4, lora_dropout=0.1)).model
+
+
+@pytest.mark.parametrize("arch,method", [("qwen2", "lora"), ("llama", "full")])
+def test_wrapped_attention_keeps_loss_gradients_names_and_generation(arch, method):
+    plain, fused = _model(arch, method), _model(arch, method)
+    names = [n for n, _ in fused.named_parameters()]
+    keys = list(fused.state_dict())
+    plain.train(), fused.train()
+    assert fuse_rope_attention(decoder_layers(fused)) == (2, {})
+    assert all(isinstance(layer.self_attn, FusedRopeAttention) for layer in decoder_layers(fused))
+    assert [n for n, _ in fused.named_parameters()] == names and list(fused.state_dict()) == keys
+    assert fused.training and all(m.training for m in fused.modules())  # the probe's eval() undone
+    ids = torch.randint(0, 256, (2, 12))
+    results = []
+    for model in (plain, fused):
+        torch.manual_seed(1)  # the same LoRA dropout masks
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-6, atol=1e-7, msg=name)
+    plain.eval(), fused.eval()
+    prompt = torch.randint(0, 256, (1, 5))
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(fused.generate(input_ids=prompt, **kw), plain.generate(input_ids=prompt, **kw))
+
+
+def test_classes_it_does_not_reproduce_are_kept():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention as Real
+
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))  # fmt: skip
+    done, kept = fuse_rope_attention(decoder_layers(qwen3))
+    assert done == 0 and "not an attention class" in kept["Qwen3Attention"]
+
+    class Qwen2Attention(Real):  # the registry's name, another forward (as a future version might have)
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return out * 1.5, weights
+
+    Qwen2Attention.__module__ = Real.__module__
+    model = _model("qwen2", "full")
+    layers = decoder_layers(model)
+    for layer in layers:
+        changed = Qwen2Attention(model.config, layer.self_attn.layer_idx)
+        changed.load_state_dict(layer.self_attn.state_dict())
+        layer.self_attn = changed
+    assert "differs from the class's forward" in probe(layers[0].self_attn)
+    assert fuse_rope_attention(layers)[0] == 0 and all(
+        type(layer.self_attn) is Qwen2Attention for layer in layers
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_triton
+def test_kernel_on_a_gpu_matches_transformers_and_replays_in_a_cuda_graph():
+    for dtype in (torch.bfloat16, torch.float32):
+        ops = [x.cuda() for x in _operands((1, 3000, 14, 2, 64), dtype)]
+        assert kernel_ready(*ops[:4])
+        for name, w, g in zip(("q", "k", "dq", "dk"), _reference(*ops), _ours(*ops)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)  # each product rounded as eager
+    q, k, cos, sin, dq, dk = (x.cuda() for x in _operands((1, 500, 14, 2, 64), torch.bfloat16))
+    q.requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.autograd.backward(rope(q, k, cos, sin)[:1], (dq,))  # compiled before the capture
+        q.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            qe, ke = rope(q, k, cos, sin)
+            torch.autograd.backward((qe,), (dq,))
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (1, 2):
+        fresh = [x.cuda() for x in _operands((1, 500, 14, 2, 64), torch.bfloat16, seed)]
+        for static, new in zip((q.data, k, cos, sin, dq, dk), fresh):
+            static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _reference(*fresh)
+        torch.testing.assert_close(qe, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(ke, want[1], rtol=0, atol=0)
+        torch.testing.assert_close(q.grad, want[2], rtol=0, atol=0)
