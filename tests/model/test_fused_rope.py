@@ -24,6 +24,7 @@ needs_triton = pytest.mark.skipif(
 )
 # (batch, tokens, query heads, key heads, head_dim): Qwen2.5-0.5B's heads; a half of 20 (not a power of two)
 SHAPES = ((1, 9, 14, 2, 64), (2, 5, 4, 4, 40))
+GPU_TOL = {torch.bfloat16: {"rtol": 2**-7, "atol": 2**-5}, torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
 
 
 def _operands(shape, dtype, seed=0):
@@ -167,7 +168,9 @@ def test_kernel_on_a_gpu_matches_transformers_and_replays_in_a_cuda_graph():
         ops = [x.cuda() for x in _operands((1, 3000, 14, 2, 64), dtype)]
         assert kernel_ready(*ops[:4])
         for name, w, g in zip(("q", "k", "dq", "dk"), _reference(*ops), _ours(*ops)):
-            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)  # each product rounded as eager
+            # one ulp at most: the GPU compiler may fuse a product into the sum (H200: 23% of bf16 values
+            # one ulp off, 2**-5 at magnitudes 4-8; fp32 4.8e-7)
+            torch.testing.assert_close(g, w, **GPU_TOL[dtype], msg=name)
     q, k, cos, sin, dq, dk = (x.cuda() for x in _operands((1, 500, 14, 2, 64), torch.bfloat16))
     q.requires_grad_()
     stream = torch.cuda.Stream()
@@ -187,6 +190,6 @@ def test_kernel_on_a_gpu_matches_transformers_and_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         want = _reference(*fresh)
-        torch.testing.assert_close(qe, want[0], rtol=0, atol=0)
-        torch.testing.assert_close(ke, want[1], rtol=0, atol=0)
-        torch.testing.assert_close(q.grad, want[2], rtol=0, atol=0)
+        torch.testing.assert_close(qe, want[0], **GPU_TOL[torch.bfloat16])
+        torch.testing.assert_close(ke, want[1], **GPU_TOL[torch.bfloat16])
+        torch.testing.assert_close(q.grad, want[2], **GPU_TOL[torch.bfloat16])

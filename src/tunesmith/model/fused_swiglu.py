@@ -6,7 +6,10 @@ each a pass over ``[tokens x intermediate]`` (4,864 wide in Qwen2.5-0.5B, 8,192 
 autograd keeps ``silu(gate)`` for backward besides ``gate`` and ``up``. `swiglu` reads ``gate`` and ``up``
 once forward and writes the product; backward reads the incoming gradient, ``gate`` and ``up`` once and
 writes both gradients, recomputing the SiLU in registers. The numbers are eager's: SiLU rounded to the
-compute dtype before the product, the product's gradient rounded before SiLU's backward, fp32 inside.
+compute dtype before the product, the product's gradient rounded before SiLU's backward, fp32 inside. On an
+H200 (bench/cuda_graph_step.py --mixed, Qwen2.5-0.5B LoRA, 8 rows, replayed, RMSNorm fused): 31.1 -> 30.0 ms
+a step; a first version that left the element count unspecialised lost its vectorised loads and was slower
+than eager (32.4 ms), hence the row width as a constant.
 
 `FusedSwiGLUMLP` wraps a decoder layer's MLP (its submodules stay registered under their own names, so
 parameter names, adapters and saved models do not change) and computes ``down(swiglu(gate(x), up(x)))``.
