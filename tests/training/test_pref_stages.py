@@ -280,6 +280,22 @@ def test_dpo_lora_with_torch_compile_gives_the_eager_losses(tiny_model_dir, pref
     assert all(abs(loss - math.log(2)) > 1e-4 for loss in losses["compiled"][1:])  # the policy moved
 
 
+@pytest.mark.parametrize(
+    "method", ["lora", "full"]
+)  # the reference: the adapter-disabled policy, a frozen copy
+def test_dpo_with_fused_layers_gives_the_plain_losses(method, tiny_model_dir, pref_dir, tmp_path):
+    """fused_layers (on by default on a GPU) in a preference run: the policy's swapped layers, and the
+    reference that shares them or is their deep copy, give the plain layers' losses."""
+    losses = {}
+    for run, fused in (("plain", False), ("fused", True)):
+        torch.manual_seed(0)
+        _train(tiny_model_dir, pref_dir, tmp_path / run, "dpo", max_steps=3, finetuning_type=method,
+               fused_layers=fused)  # fmt: skip
+        losses[run] = [r["loss"] for r in _logs(tmp_path / run)]
+    assert len(losses["fused"]) == 3 and losses["fused"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
 def test_dpo_loads_its_models_without_padding_free(monkeypatch, tiny_model_dir, pref_dir, tmp_path):
     """DPO batches carry no document boundaries, so `flash_attn: auto` must not pick varlen for them."""
     from tunesmith.model import loader

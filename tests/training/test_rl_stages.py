@@ -262,3 +262,19 @@ def test_config_checks_of_the_rl_stages():
     )
     assert cfg.finetuning.reward_funcs == ("exact_match", "my.mod:f")
     assert not any("temperature" in w for w in cfg.warnings)  # the rollouts' sampling setting
+
+
+def test_grpo_with_fused_layers_generates_and_trains_as_the_plain_layers(policy_dir, task_dir, tmp_path):
+    """fused_layers in an RL run: rollouts generate through the KV cache (the attention class's own forward)
+    and the update runs the swapped layers; both give the plain layers' rewards and losses."""
+    logs = {}
+    for run, fused in (("plain", False), ("fused", True)):
+        out = tmp_path / run
+        train(policy_dir, task_dir / "prompts.json", out, stage="grpo", reward_funcs="exact_match",
+              num_generations=4, per_device_train_batch_size=4, max_steps=2, learning_rate=5e-3,
+              fused_layers=fused, **RL_RUN)  # fmt: skip
+        logs[run] = [r for r in _logs(out) if "reward" in r]
+    assert len(logs["fused"]) == 2
+    for want, got in zip(logs["plain"], logs["fused"]):
+        assert got["reward"] == want["reward"] and got["completion_length"] == want["completion_length"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
