@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tests.triton_interpreter import interpreted_results, interpreter_tolerance
 from tunesmith.model.compile import decoder_layers
 from tunesmith.model.fused_rope import FusedRopeAttention, fuse_rope_attention, kernel_ready, probe, rope
 from tunesmith.model.tuning import TuningOptions, apply_tuning
@@ -65,12 +64,9 @@ def run_interpreted(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("interpreted") / "rope.pt"
-    code = f"from tests.model.test_fused_rope import run_interpreted; run_interpreted({str(out)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return interpreted_results(
+        "tests.model.test_fused_rope", tmp_path_factory.mktemp("interpreted") / "rope.pt"
+    )
 
 
 @needs_triton
@@ -79,8 +75,7 @@ def interpreted(tmp_path_factory):
 def test_kernel_rotates_and_rotates_gradients_back_as_transformers(interpreted, shape, dtype):
     want = _reference(*_operands(shape, dtype))
     got = interpreted[f"{shape}-{dtype}"]
-    # the interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest): two ulps in bf16
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
+    tol = interpreter_tolerance(dtype)
     for name, w, g in zip(("q", "k", "dq", "dk"), want, got):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         torch.testing.assert_close(g, w, **tol, msg=name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,17 @@ class LogMessages(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def tunesmith_messages() -> Iterator[list[str]]:
+    """The messages the "tunesmith" logger emits inside the block (its handlers, not propagation)."""
+    handler = LogMessages()
+    logging.getLogger("tunesmith").addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logging.getLogger("tunesmith").removeHandler(handler)
 
 
 def write_sft_data(path: Path, rows: int = 16) -> Path:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from unittest import mock
 import pytest
 import torch
 
+from tests.triton_interpreter import interpreted_results
 from tunesmith.training import fused_ce, fused_ce_triton
 from tunesmith.training.fused_ce import (
     ChunkPlan,
@@ -112,12 +111,9 @@ def run_interpreted(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("interpreted") / "results.pt"
-    code = f"from tests.training.test_fused_ce_triton import run_interpreted; run_interpreted({str(out)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return interpreted_results(
+        "tests.training.test_fused_ce_triton", tmp_path_factory.mktemp("interpreted") / "results.pt"
+    )
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 1e-6) -> None:

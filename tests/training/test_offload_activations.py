@@ -5,14 +5,13 @@ prefetch the next one backward needs, and the config's refusals and checkpointin
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from tests.training.helpers import LogMessages, logged_losses, run_config, train
+from tests.training.helpers import logged_losses, run_config, train, tunesmith_messages
 from tunesmith.model.compile import decoder_layers
 from tunesmith.model.loader import enable_gradient_checkpointing
 from tunesmith.model.offload import ActivationOffload, CudaOps, offload_layer_inputs
@@ -232,13 +231,9 @@ def test_sft_with_offloading_trains_the_same_losses(tiny_model_dir, sft_data, tm
     keys = {"max_steps": 3, "per_device_train_batch_size": 4, "cutoff_len": 64, "lora_dropout": 0.1}
     train(tiny_model_dir, sft_data, tmp_path / "plain", disable_gradient_checkpointing=False, **keys)
     assert not fake.moved  # the plain run never offloads
-    messages = LogMessages()
-    logging.getLogger("tunesmith").addHandler(messages)
-    try:
+    with tunesmith_messages() as messages:
         train(tiny_model_dir, sft_data, tmp_path / "offload", offload_activations=True, **keys)
-    finally:
-        logging.getLogger("tunesmith").removeHandler(messages)
-    assert any("offload_activations: gradient checkpointing on" in m for m in messages.messages)
+    assert any("offload_activations: gradient checkpointing on" in m for m in messages)
     assert fake.moved and not any(is_param for _, is_param in fake.moved)
     want, got = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "offload")
     assert len(got) == 3 and [x for _, x in got] == [x for _, x in want]

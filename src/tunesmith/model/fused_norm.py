@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.model.layer_probe import mismatch, unmaterialised
+
 
 class FusedRMSNorm(nn.Module):
     """``weight * rms_norm(x)`` over the last dimension, with ``norm``'s weight parameter (shared, not copied)."""
@@ -70,9 +72,7 @@ def _shape_reason(norm: nn.Module) -> str | None:
         return f"parameters {own}, buffers or sublayers besides its weight"
     if eps_of(norm) is None:
         return "no eps attribute"
-    if weight.device.type == "meta" or weight.numel() == 0:
-        return "weight not materialised (sharded or on the meta device)"
-    return None
+    return unmaterialised(norm)
 
 
 @torch.no_grad()
@@ -93,18 +93,9 @@ def probe(norm: nn.Module) -> str | None:
         got = FusedRMSNorm(twin, eps_of(twin) or 0.0)(x)
     except Exception as e:  # noqa: BLE001 - a layer that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {e}"
-    if want.shape != got.shape or want.dtype != got.dtype:
-        return f"returns {tuple(want.shape)} {want.dtype}, rms_norm {tuple(got.shape)} {got.dtype}"
-    # a rounding or two of the output's dtype apart at most (bf16: 2^-8 relative to the row), far below what
-    # any other formula gives (Gemma's 1 + weight, eps outside the root, a mean subtracted)
-    tol = max(4 * torch.finfo(want.dtype).eps, 1e-5)
-    row_scale = want.float().abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
-    worst = ((want.float() - got.float()).abs() / row_scale).max().item()
-    if not worst <= tol:
-        return (
-            f"differs from weight * rms_norm(x) by {worst:.3g} of a row's largest value (tolerance {tol:.3g})"
-        )
-    return None
+    # a rounding or two of the output's dtype apart at most, far below what any other formula gives
+    # (Gemma's 1 + weight, eps outside the root, a mean subtracted)
+    return mismatch(want, got, 4, "weight * rms_norm(x)")
 
 
 def _candidate(cls: type) -> bool:

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-log = logging.getLogger("tunesmith")
+from tunesmith.model.layer_probe import evaluating, mismatch, swap_layers, unmaterialised
+from tunesmith.triton_build import build
 
-tl: Any = None  # triton.language, bound by `_kernels` (the kernels' source resolves `tl` in this module)
+tl: Any = None  # triton.language, bound by `triton_build.build` (the kernels' source resolves `tl` here)
 
 # Attention classes whose forward `FusedRopeAttention.forward` reproduces (transformers 5.x): class name ->
 # whether it passes its own `sliding_window` to the attention kernel (Qwen2 does, Llama does not).
@@ -84,22 +84,9 @@ class _Kernels:
 
 @functools.cache
 def _kernels() -> _Kernels | None:
-    """The jit kernel, built once a process; None without triton (or where triton cannot build it)."""
-    global tl
-    try:
-        import triton
-        import triton.language
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return None
-    tl = triton.language
-    try:
-        rope_fn = triton.jit(_rope_kernel)
-    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
-        log.warning("fused rope: the Triton kernel cannot be built (%s: %s); the eager math runs",
-                    type(e).__name__, e)  # fmt: skip
-        return None
-    return _Kernels(rope_fn, isinstance(rope_fn, InterpretedFunction))
+    """The jit kernel, built once a process (`triton_build.build`); None without triton."""
+    built = build(globals(), [(_rope_kernel, {})], "fused rope")
+    return None if built is None else _Kernels(built.fns[0], built.interpreted)
 
 
 def kernel_ready(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -238,50 +225,27 @@ def probe(attention: nn.Module) -> str | None:
     dtype and device, through the kernel where it would run); else why not."""
     if type(attention).__name__ not in ROPE_ATTENTION:
         return "not an attention class whose forward the fused one reproduces"
-    weight = next(attention.parameters(), None)
-    if weight is None or weight.device.type == "meta" or weight.numel() == 0:
-        return "weights not materialised (sharded or on the meta device)"
-    training = attention.training
-    attention.eval()  # no dropout (LoRA's): the two forwards must see the same function
+    reason = unmaterialised(attention)
+    if reason is not None:
+        return reason
+    weight = next(attention.parameters())
     try:
-        gen = torch.Generator().manual_seed(0)
-        hidden = attention.q_proj.in_features
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        x = torch.randn(1, 7, hidden, generator=gen).to(weight.device, dtype)
-        angles = torch.rand(1, 7, attention.head_dim // 2, generator=gen) * 6.3
-        angles = torch.cat((angles, angles), dim=-1)
-        rotation = (angles.cos().to(x), angles.sin().to(x))
-        want = type(attention).forward(attention, x, rotation, None)[0]
-        got = FusedRopeAttention(attention)(x, rotation, None)[0]
+        with evaluating(attention):
+            gen = torch.Generator().manual_seed(0)
+            hidden = attention.q_proj.in_features
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            x = torch.randn(1, 7, hidden, generator=gen).to(weight.device, dtype)
+            angles = torch.rand(1, 7, attention.head_dim // 2, generator=gen) * 6.3
+            angles = torch.cat((angles, angles), dim=-1)
+            rotation = (angles.cos().to(x), angles.sin().to(x))
+            want = type(attention).forward(attention, x, rotation, None)[0]
+            got = FusedRopeAttention(attention)(x, rotation, None)[0]
     except Exception as e:  # noqa: BLE001 - an attention that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
-    finally:
-        attention.train(training)
-    tol = max(8 * torch.finfo(want.dtype).eps, 1e-5)
-    row_scale = want.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
-    worst = ((want.float() - got.float()).abs() / row_scale).max().item()
-    if not worst <= tol:
-        return (
-            f"differs from the class's forward by {worst:.3g} of a row's largest value (tolerance {tol:.3g})"
-        )
-    return None
+    return mismatch(want, got, 8, "the class's forward")
 
 
 def fuse_rope_attention(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
     """Wrap the ``self_attn`` of each decoder layer whose class passes `probe`; returns (wrapped, {class kept:
     why})."""
-    verdicts: dict[type, str | None] = {}
-    done, kept = 0, {}
-    for layer in layers:
-        attention = getattr(layer, "self_attn", None)
-        if not isinstance(attention, nn.Module) or isinstance(attention, FusedRopeAttention):
-            continue
-        cls = type(attention)
-        if cls not in verdicts:
-            verdicts[cls] = probe(attention)
-        if verdicts[cls] is not None:
-            kept[cls.__name__] = verdicts[cls]  # type: ignore[assignment]
-            continue
-        layer.self_attn = FusedRopeAttention(attention)
-        done += 1
-    return done, kept
+    return swap_layers(layers, "self_attn", FusedRopeAttention, probe)

@@ -22,7 +22,6 @@ Importing this module never imports triton: `_kernels` does, on first use.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("tunesmith")
+from tunesmith.model.layer_probe import evaluating, mismatch, swap_layers, unmaterialised
+from tunesmith.triton_build import build
 
 BLOCK = 1024  # columns a program handles (4 warps, 8 a thread)
-tl: Any = None  # triton.language, bound by `_kernels` (the kernels' source resolves `tl` in this module)
+tl: Any = None  # triton.language, bound by `triton_build.build` (the kernels' source resolves `tl` here)
 
 
 # One program per (row, block of BLOCK columns); the row width COLS is a constant (the MLP's intermediate size:
@@ -74,22 +74,9 @@ class _Kernels:
 
 @functools.cache
 def _kernels() -> _Kernels | None:
-    """The jit kernels, built once a process; None without triton (or where triton cannot build them)."""
-    global tl
-    try:
-        import triton
-        import triton.language
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return None
-    tl = triton.language
-    try:
-        forward, backward = triton.jit(_swiglu_forward), triton.jit(_swiglu_backward)
-    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
-        log.warning("fused swiglu: the Triton kernels cannot be built (%s: %s); the eager math runs",
-                    type(e).__name__, e)  # fmt: skip
-        return None
-    return _Kernels(forward, backward, isinstance(forward, InterpretedFunction))
+    """The jit kernels, built once a process (`triton_build.build`); None without triton."""
+    built = build(globals(), [(_swiglu_forward, {}), (_swiglu_backward, {})], "fused swiglu")
+    return None if built is None else _Kernels(*built.fns, built.interpreted)
 
 
 def kernel_ready(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -169,50 +156,29 @@ def probe(mlp: nn.Module) -> str | None:
     reason = _shape_reason(mlp)
     if reason is not None:
         return reason
-    weight = next(mlp.parameters(), None)
-    if weight is None or weight.device.type == "meta" or weight.numel() == 0:
-        return "weights not materialised (sharded or on the meta device)"
-    training = mlp.training
-    mlp.eval()  # no dropout (LoRA's): the two forwards must see the same function
+    reason = unmaterialised(mlp)
+    if reason is not None:
+        return reason
+    weight = next(mlp.parameters())
     try:
-        hidden = mlp.gate_proj.in_features
-        x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0))
-        x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
-        want = type(mlp).forward(mlp, x)
-        got = FusedSwiGLUMLP(mlp)(x)
+        with evaluating(mlp):
+            hidden = mlp.gate_proj.in_features
+            x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0))
+            x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+            want = type(mlp).forward(mlp, x)
+            got = FusedSwiGLUMLP(mlp)(x)
     except Exception as e:  # noqa: BLE001 - an MLP that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
-    finally:
-        mlp.train(training)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return "returns something else than one tensor of the wrapper's shape"
-    tol = max(8 * torch.finfo(want.dtype).eps, 1e-5)  # a rounding or two of the compute dtype, through down
-    row_scale = want.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
-    worst = ((want.float() - got.float()).abs() / row_scale).max().item()
-    if not worst <= tol:
-        return f"differs from down(silu(gate) * up) by {worst:.3g} of a row's largest value (tolerance {tol:.3g})"
-    return None
+    return mismatch(want, got, 8, "down(silu(gate) * up)")  # a rounding or two, through down
+
+
+def _not_wrappable(mlp: nn.Module) -> str | None:
+    if not type(mlp).__module__.startswith(("transformers.", "transformers_modules.")):
+        return "not a transformers MLP (another wrapper or library chose it)"
+    return _shape_reason(mlp)
 
 
 def fuse_swiglu_mlps(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
     """Wrap the ``mlp`` of each decoder layer whose class passes `probe`; returns (wrapped, {class kept: why}).
     MLPs already wrapped (tiled_mlp_tokens' TiledMLP) are left as they are."""
-    verdicts: dict[type, str | None] = {}
-    done, kept = 0, {}
-    for layer in layers:
-        mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, nn.Module) or isinstance(mlp, FusedSwiGLUMLP):
-            continue
-        cls = type(mlp)
-        if not cls.__module__.startswith(("transformers.", "transformers_modules.")):
-            kept[cls.__name__] = "not a transformers MLP (another wrapper or library chose it)"
-            continue
-        if cls not in verdicts:
-            verdicts[cls] = probe(mlp)
-        reason = verdicts[cls] or _shape_reason(mlp)
-        if reason is not None:
-            kept[cls.__name__] = reason
-            continue
-        layer.mlp = FusedSwiGLUMLP(mlp)
-        done += 1
-    return done, kept
+    return swap_layers(layers, "mlp", FusedSwiGLUMLP, probe, _not_wrappable)

@@ -21,15 +21,13 @@ the row count is the grid only, so every chunk size shares one compiled kernel).
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tunesmith.training.fused_ce_chunk import LogitTransform, Result, softmax_grad
-
-logger = logging.getLogger(__name__)
+from tunesmith.triton_build import build
 
 # Columns a program holds at once (16 fp32 values a thread) and its warps. Of five shapes timed on an H200 at
 # 151,936 columns, 4096 x 8 was the fastest at 883 rows (a trained head's chunk), 6% behind 2048 x 4 at 4096
@@ -37,7 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_BLOCK = 4096
 NUM_WARPS = 8
 
-tl: Any = None  # triton.language, bound by `_kernel` (the kernel's source resolves `tl` in this module)
+tl: Any = None  # triton.language, bound by `triton_build.build` (the kernel's source resolves `tl` here)
 
 
 def _softmax_grad_rows(
@@ -104,28 +102,15 @@ class _Kernel:
 
 @functools.cache
 def _kernel() -> _Kernel | None:
-    """The jit kernel, built once a process; None without triton.
+    """The jit kernel, built once a process (`triton_build.build`); None without triton.
 
-    Triton reads TRITON_INTERPRET when a kernel is defined, so that is when the interpreter is chosen.
     ``do_not_specialize`` on the targets and weights: they are slices of the batch's at each chunk's start,
     whose 16-byte alignment varies; specialised, a new alignment would compile a variant, perhaps in the
     middle of a CUDA graph capture.
     """
-    global tl
-    try:
-        import triton
-        import triton.language
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return None
-    tl = triton.language
-    try:
-        fn = triton.jit(_softmax_grad_rows, do_not_specialize=["targets_ptr", "weights_ptr"])
-    except Exception as e:  # noqa: BLE001 - e.g. no source to read (inspect): the eager math instead
-        logger.warning("fused loss: the Triton chunk kernel cannot be built (%s: %s); the eager math runs",
-                       type(e).__name__, e)  # fmt: skip
-        return None
-    return _Kernel(fn, isinstance(fn, InterpretedFunction))
+    options = {"do_not_specialize": ["targets_ptr", "weights_ptr"]}
+    built = build(globals(), [(_softmax_grad_rows, options)], "fused loss")
+    return None if built is None else _Kernel(built.fns[0], built.interpreted)
 
 
 def triton_ready(t: torch.Tensor) -> bool:
