@@ -53,7 +53,7 @@ class ModelArgs:
     fused_layers: bool | None = opt(
         None,
         "Swap the model's RMSNorm layers for torch's fused rms_norm, and its gated SiLU MLPs' silu(gate) * up "
-        "and its attention's rotary embedding (Llama, Qwen2) for one Triton kernel each way (the same numbers "
+        "and its attention's rotary embedding (Llama, Mistral, Qwen2, Qwen3) for one Triton kernel each way (the same numbers "
         "up to rounding, parameter names unchanged), for the layer classes a probe at start shows compute "
         "exactly that (logged). Unset: on for training on a GPU; true: also on CPU (where the MLP and RoPE keep "
         "the eager math); false: off. Off with torch_compile, whose inductor fuses these layers itself.",

@@ -91,18 +91,21 @@ def test_eager_path_is_transformers_math_to_the_bit(dtype):
 
 
 def _model(arch: str, method: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     torch.manual_seed(0)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, attn_implementation="sdpa")  # fmt: skip
-    model = (
-        Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
-    )
+    if arch == "mistral":
+        shape["sliding_window"] = 6
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
     return apply_tuning(model, TuningOptions(finetuning_type=method, lora_rank=4, lora_dropout=0.1)).model
 
 
-@pytest.mark.parametrize("arch,method", [("qwen2", "lora"), ("llama", "full")])
+@pytest.mark.parametrize(
+    "arch,method", [("qwen2", "lora"), ("llama", "full"), ("qwen3", "lora"), ("mistral", "lora")]
+)
 def test_wrapped_attention_keeps_loss_gradients_names_and_generation(arch, method):
     plain, fused = _model(arch, method), _model(arch, method)
     names = [n for n, _ in fused.named_parameters()]
@@ -129,14 +132,38 @@ def test_wrapped_attention_keeps_loss_gradients_names_and_generation(arch, metho
     assert torch.equal(fused.generate(input_ids=prompt, **kw), plain.generate(input_ids=prompt, **kw))
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_the_sliding_window_reaches_the_attention_kernel_as_the_class_passes_it(arch):
+    """Under varlen attention the window is only the kernel's argument (the mask carries padding alone):
+    Mistral passes its config's, Qwen2 its layer's own."""
+    from tunesmith.model import varlen
+
+    name = varlen.register(cuda=False)
+    ids = torch.randint(0, 256, (1, 12))
+    logits = {}
+    for run, window in (("plain", 4), ("fused", 4), ("no window", None)):
+        model = _model(arch, "full").eval()
+        model.config._attn_implementation = name
+        model.config.sliding_window = window
+        for layer in decoder_layers(model):
+            if hasattr(layer.self_attn, "sliding_window"):  # Qwen2 reads the window into each layer
+                layer.self_attn.sliding_window = window
+        if run == "fused":
+            assert fuse_rope_attention(decoder_layers(model))[0] == 2
+        with torch.no_grad():
+            logits[run] = model(input_ids=ids).logits
+    assert not torch.allclose(logits["no window"], logits["plain"])  # a window of 4 in 12 tokens matters
+    torch.testing.assert_close(logits["fused"], logits["plain"], rtol=0, atol=0)
+
+
 def test_classes_it_does_not_reproduce_are_kept():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Phi3Config, Phi3ForCausalLM
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention as Real
 
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))  # fmt: skip
-    done, kept = fuse_rope_attention(decoder_layers(qwen3))
-    assert done == 0 and "not an attention class" in kept["Qwen3Attention"]
+    phi3 = Phi3ForCausalLM(Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, pad_token_id=0))  # fmt: skip
+    done, kept = fuse_rope_attention(decoder_layers(phi3))  # one fused qkv projection: not in the registry
+    assert done == 0 and "not an attention class" in kept["Phi3Attention"]
 
     class Qwen2Attention(Real):  # the registry's name, another forward (as a future version might have)
         def forward(self, *args, **kwargs):

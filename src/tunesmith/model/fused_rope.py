@@ -15,8 +15,8 @@ Qwen2.5-0.5B LoRA, 8 rows, replayed): 31.2 ms a step with the norm fused, 30.0 w
 
 `FusedRopeAttention` wraps a decoder layer's attention (its projections stay registered under their own
 names; everything else is read from the wrapped module, which the attention kernels also receive) and runs
-transformers' attention forward with `rope`. Only classes of `ROPE_ATTENTION`, whose forward it reproduces
-(what each passes to the attention kernel is listed there), and only after a probe shows the wrapper gives
+transformers' attention forward with `rope`. Only classes of `ROPE_ATTENTION` (Llama, Mistral, Qwen2, Qwen3),
+whose forward it reproduces (how each differs from Llama's is listed there), and only after a probe shows the wrapper gives
 the class's own output; a call with a KV cache (generation) runs the class's own forward. The kernels run on
 CUDA tensors with triton installed, outside torch.compile; elsewhere `rope` is the eager math. Importing this
 module never imports triton: `_kernels` does, on first use.
@@ -37,9 +37,23 @@ from tunesmith.triton_build import build
 
 tl: Any = None  # triton.language, bound by `triton_build.build` (the kernels' source resolves `tl` here)
 
-# Attention classes whose forward `FusedRopeAttention.forward` reproduces (transformers 5.x): class name ->
-# whether it passes its own `sliding_window` to the attention kernel (Qwen2 does, Llama does not).
-ROPE_ATTENTION: dict[str, bool] = {"LlamaAttention": False, "Qwen2Attention": True}
+
+@dataclass(frozen=True)
+class RopeAttention:
+    """How an attention class's forward differs from Llama's, which `FusedRopeAttention.forward` follows."""
+
+    window: str | None = None  # the sliding window it passes to the kernel: "module" (its own), "config"
+    qk_norm: bool = False  # q_norm / k_norm on each projected head before the rotation
+
+
+# Attention classes whose forward `FusedRopeAttention.forward` reproduces (read in transformers 5.17 and 5.24;
+# the probe checks each class's numbers at start).
+ROPE_ATTENTION: dict[str, RopeAttention] = {
+    "LlamaAttention": RopeAttention(),
+    "MistralAttention": RopeAttention(window="config"),
+    "Qwen2Attention": RopeAttention(window="module"),
+    "Qwen3Attention": RopeAttention(window="module", qk_norm=True),
+}
 
 
 def _rope_kernel(
@@ -160,7 +174,7 @@ class FusedRopeAttention(nn.Module):
         object.__setattr__(self, "_attention", attention)  # not a child: its children are this module's
         for name, child in attention.named_children():  # not add_module: hasattr would find them through it
             self._modules[name] = child
-        self.passes_window = ROPE_ATTENTION[type(attention).__name__]
+        self.kind = ROPE_ATTENTION[type(attention).__name__]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -194,11 +208,17 @@ class FusedRopeAttention(nn.Module):
         hidden_shape = (*input_shape, -1, inner.head_dim)
         query = inner.q_proj(hidden_states).view(hidden_shape)
         key = inner.k_proj(hidden_states).view(hidden_shape)
+        if self.kind.qk_norm:
+            query, key = inner.q_norm(query), inner.k_norm(key)
         value = inner.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = rope(query, key, cos, sin)
         interface = _attention_interface(inner)
-        window = {"sliding_window": inner.sliding_window} if self.passes_window else {}
+        window = {}
+        if self.kind.window == "module":
+            window = {"sliding_window": inner.sliding_window}
+        elif self.kind.window == "config":
+            window = {"sliding_window": getattr(inner.config, "sliding_window", None)}
         out, weights = interface(
             inner, query.transpose(1, 2), key.transpose(1, 2), value, attention_mask,
             dropout=0.0 if not inner.training else inner.attention_dropout, scaling=inner.scaling, **window, **kwargs,
