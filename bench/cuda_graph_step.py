@@ -118,8 +118,8 @@ def build(
                 module.fuse_eagerly = True
     if fused == "layers":  # as the trainer: after the adapters, before compiling
         done = fuse_layers(model)
-        if not done.norms or not done.mlps or not done.attentions:
-            raise RuntimeError(f"fused layers not taken: {done.describe()}")
+        if done is None or not done.norms or not done.mlps or not done.attentions:
+            raise RuntimeError(f"fused layers not taken: {done.describe() if done else 'off'}")
     model.train()
     layers = compile_decoder_layers(model, backend="inductor") if compiled else 0
     trained = [p for p in model.parameters() if p.requires_grad]

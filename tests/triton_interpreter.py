@@ -19,9 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def interpreted_results(module: str, out: Path) -> dict[str, Any]:
-    """``module.run_interpreted(out)`` in a subprocess under TRITON_INTERPRET=1; its saved results."""
-    code = f"from {module} import run_interpreted; run_interpreted({str(out)!r})"
+def interpreted_results(module: str, out: Path, function: str = "run_interpreted") -> dict[str, Any]:
+    """``module.<function>(out)`` in a subprocess under TRITON_INTERPRET=1; its saved results."""
+    code = f"from {module} import {function}; {function}({str(out)!r})"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -215,3 +215,67 @@ def test_kernel_on_a_gpu_matches_transformers_and_replays_in_a_cuda_graph():
         torch.testing.assert_close(qe, want[0], **GPU_TOL[torch.bfloat16])
         torch.testing.assert_close(ke, want[1], **GPU_TOL[torch.bfloat16])
         torch.testing.assert_close(q.grad, want[2], **GPU_TOL[torch.bfloat16])
+
+
+def test_fused_attention_stays_its_class_through_unload_swaps_pickling_and_attention_outputs(tmp_path):
+    """Nothing is copied: PEFT's unload and merge, a child swapped later, transformers' own isinstance checks
+    (output_attentions) and pickling see the module as before the swap."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    from tunesmith.model.fused_norm import fuse_rms_norms
+
+    plain, fused = _model("qwen2", "lora"), _model("qwen2", "lora")
+    for model in (plain, fused):
+        for name, p in model.named_parameters():  # adapters that change the output
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        model.config._attn_implementation = "eager"  # one that returns attention weights
+        model.eval()  # no LoRA dropout
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_rope_attention(decoder_layers(fused))[0] == 2
+    attention = decoder_layers(fused)[0].self_attn
+    assert isinstance(attention, Qwen2Attention) and isinstance(attention, FusedRopeAttention)
+    torch.save(fused, tmp_path / "model.pt")  # a whole-model pickle, loaded fused again
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(decoder_layers(loaded)[0].self_attn, FusedRopeAttention)
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        want, got = plain(input_ids=ids, output_attentions=True), fused(input_ids=ids, output_attentions=True)
+    assert len(got.attentions) == 2
+    for w, g in zip(want.attentions, got.attentions):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    fuse_rms_norms(fused)  # q_norm-less Qwen2 has none in attention; the layer norms swap under a fused model
+    base_plain, base_fused = plain.unload(), fused.unload()  # adapters off: the base model's numbers
+    with torch.no_grad():
+        torch.testing.assert_close(base_fused(input_ids=ids).logits, base_plain(input_ids=ids).logits)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, got.logits, rtol=0, atol=0)
+    assert not any("lora_" in n for n, _ in base_fused.named_parameters())
+
+
+def run_interpreted_broadcast(out: str) -> None:
+    """In the subprocess (TRITON_INTERPRET=1): one cos/sin row for a batch of 2 (padded batches without
+    position ids), and bf16 queries with fp32 cos/sin (full fine-tuning under autocast)."""
+    results = {}
+    q, k, cos, sin, dq, dk = _operands((2, 6, 4, 2, 32), torch.bfloat16)
+    results["broadcast"] = _ours(q, k, cos[:1], sin[:1], dq, dk)
+    assert kernel_ready(q, k, cos[:1], sin[:1])
+    q32, k32, cos32, sin32, dq32, dk32 = _operands((2, 6, 4, 2, 32), torch.float32)
+    assert kernel_ready(q32.bfloat16(), k32.bfloat16(), cos32, sin32)
+    results["mixed"] = _ours(q32.bfloat16(), k32.bfloat16(), cos32, sin32, dq32, dk32)
+    torch.save(results, out)
+
+
+@needs_triton
+def test_kernel_broadcasts_one_rotation_over_the_batch_and_promotes_as_transformers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("interpreted") / "broadcast.pt"
+    got = interpreted_results("tests.model.test_fused_rope", out, "run_interpreted_broadcast")
+    q, k, cos, sin, dq, dk = _operands((2, 6, 4, 2, 32), torch.bfloat16)
+    want = _reference(q, k, cos[:1], sin[:1], dq, dk)
+    for name, w, g in zip(("q", "k", "dq", "dk"), want, got["broadcast"]):
+        torch.testing.assert_close(g, w, **interpreter_tolerance(torch.bfloat16), msg=name)
+    q32, k32, cos32, sin32, dq32, dk32 = _operands((2, 6, 4, 2, 32), torch.float32)
+    want = _reference(q32.bfloat16(), k32.bfloat16(), cos32, sin32, dq32, dk32)
+    assert [t.dtype for t in want] == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    for name, w, g in zip(("q", "k", "dq", "dk"), want, got["mixed"]):
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, **interpreter_tolerance(w.dtype), msg=name)

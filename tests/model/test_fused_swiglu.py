@@ -167,3 +167,17 @@ def test_kernels_on_a_gpu_match_eager_and_replay_in_a_cuda_graph():
         want = _eager(g2, u2, d2)
         torch.testing.assert_close(out, want[0], rtol=2**-7, atol=2**-7)
         torch.testing.assert_close(gate.grad, want[1], rtol=2**-7, atol=2**-7)
+
+
+def test_mlp_classes_outside_the_allow_list_are_kept_even_when_the_probe_would_pass():
+    """SeedOss's MLP is Llama's plus a residual dropout that only training applies: an eval-mode probe cannot
+    see it, so only the listed classes are wrapped."""
+    from transformers import SeedOssConfig, SeedOssForCausalLM
+
+    model = SeedOssForCausalLM(SeedOssConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             vocab_size=256, pad_token_id=0))  # fmt: skip
+    layers = decoder_layers(model)
+    assert fused_swiglu.probe(layers[0].mlp) is None  # the numbers alone would pass
+    done, kept = fuse_swiglu_mlps(layers)
+    assert done == 0 and kept == {"SeedOssMLP": "not an MLP class whose forward the fused one reproduces"}

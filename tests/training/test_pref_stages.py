@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.helpers import load_safetensors, train
+from tests.training.helpers import load_safetensors, train, tunesmith_messages
 
 TRAIN_CITIES = ("Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern")
 HELD_OUT_CITIES = ("Tokyo", "Cairo", "Quito", "Delhi")
@@ -289,9 +289,12 @@ def test_dpo_with_fused_layers_gives_the_plain_losses(method, tiny_model_dir, pr
     losses = {}
     for run, fused in (("plain", False), ("fused", True)):
         torch.manual_seed(0)
-        _train(tiny_model_dir, pref_dir, tmp_path / run, "dpo", max_steps=3, finetuning_type=method,
-               fused_layers=fused)  # fmt: skip
+        with tunesmith_messages() as messages:
+            _train(tiny_model_dir, pref_dir, tmp_path / run, "dpo", max_steps=3, finetuning_type=method,
+                   fused_layers=fused)  # fmt: skip
         losses[run] = [r["loss"] for r in _logs(tmp_path / run)]
+        swapped = [m for m in messages if m.startswith("fused layers: 5 RMSNorm layers")]
+        assert len(swapped) == int(fused) and (not fused or "2 attentions with one RoPE kernel" in swapped[0])
     assert len(losses["fused"]) == 3 and losses["fused"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
 

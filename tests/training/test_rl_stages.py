@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.helpers import train
+from tests.training.helpers import train, tunesmith_messages
 
 MAGIC = "7"
 PAIRS_INFO = {
@@ -270,10 +270,13 @@ def test_grpo_with_fused_layers_generates_and_trains_as_the_plain_layers(policy_
     logs = {}
     for run, fused in (("plain", False), ("fused", True)):
         out = tmp_path / run
-        train(policy_dir, task_dir / "prompts.json", out, stage="grpo", reward_funcs="exact_match",
-              num_generations=4, per_device_train_batch_size=4, max_steps=2, learning_rate=5e-3,
-              fused_layers=fused, **RL_RUN)  # fmt: skip
+        with tunesmith_messages() as messages:
+            train(policy_dir, task_dir / "prompts.json", out, stage="grpo", reward_funcs="exact_match",
+                  num_generations=4, per_device_train_batch_size=4, max_steps=2, learning_rate=5e-3,
+                  fused_layers=fused, **RL_RUN)  # fmt: skip
         logs[run] = [r for r in _logs(out) if "reward" in r]
+        swapped = [m for m in messages if m.startswith("fused layers:") and "2 attentions with one RoPE" in m]
+        assert len(swapped) == int(fused), messages
     assert len(logs["fused"]) == 2
     for want, got in zip(logs["plain"], logs["fused"]):
         assert got["reward"] == want["reward"] and got["completion_length"] == want["completion_length"]

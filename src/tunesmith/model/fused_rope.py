@@ -13,9 +13,9 @@ apart, fp32 within 4.8e-7 (tests/model/test_fused_rope.py). Measured there (benc
 Qwen2.5-0.5B LoRA, 8 rows, replayed): 31.2 ms a step with the norm fused, 30.0 with the SwiGLU kernel too
 (another call), 26.9 with this kernel as well.
 
-`FusedRopeAttention` wraps a decoder layer's attention (its projections stay registered under their own
-names; everything else is read from the wrapped module, which the attention kernels also receive) and runs
-transformers' attention forward with `rope`. Only classes of `ROPE_ATTENTION` (Llama, Mistral, Qwen2, Qwen3),
+`to_fused` makes a decoder layer's attention module an instance of its class with `FusedRopeAttention`'s
+forward mixed in (`fused_class`; nothing else about the module changes), which runs transformers' attention
+forward with `rope` (`rope_attention_forward`). Only classes of `ROPE_ATTENTION` (Llama, Mistral, Qwen2, Qwen3),
 whose forward it reproduces (how each differs from Llama's is listed there), and only after a probe shows the wrapper gives
 the class's own output; a call with a KV cache (generation) runs the class's own forward. The kernels run on
 CUDA tensors with triton installed, outside torch.compile; elsewhere `rope` is the eager math. Importing this
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunesmith.model.layer_probe import evaluating, mismatch, swap_layers, unmaterialised
+from tunesmith.model.layer_probe import compute_dtype, evaluating, mismatch, swap_layers, unmaterialised
 from tunesmith.triton_build import build
 
 tl: Any = None  # triton.language, bound by `triton_build.build` (the kernels' source resolves `tl` here)
@@ -57,17 +57,18 @@ ROPE_ATTENTION: dict[str, RopeAttention] = {
 
 
 def _rope_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    x_ptr, cos_ptr, sin_ptr, out_ptr, tokens, cos_rows,
     H: tl.constexpr, HALF: tl.constexpr, PH: tl.constexpr, PD: tl.constexpr, BACKWARD: tl.constexpr,
 ):  # noqa: N803  # fmt: skip
-    """Token t (program 0) of x [T, H, 2 HALF] with cos/sin [T, 2 HALF], each product rounded to the output
+    """Token t (program 0) of x [B x tokens, H, 2 HALF] with cos/sin [B or 1, tokens, 2 HALF] (``cos_rows``:
+    tokens a batch row of cos/sin apart, 0 when one row serves the batch), each product rounded to the output
     dtype before the sum, as transformers' eager ops round them:
     forward  out1 = x1 c1 - x2 s1,  out2 = x2 c2 + x1 s2;
     backward (the transposed rotation of the gradient) out1 = x1 c1 + x2 s2,  out2 = x2 c2 - x1 s1."""
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, PD)
     inside_d = d < HALF
-    row = t * (2 * HALF)
+    row = ((t // tokens) * cos_rows + t % tokens) * (2 * HALF)
     c1 = tl.load(cos_ptr + row + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + row + HALF + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + row + d, mask=inside_d, other=0.0).to(tl.float32)[None, :]
@@ -99,36 +100,40 @@ class _Kernels:
 @functools.cache
 def _kernels() -> _Kernels | None:
     """The jit kernel, built once a process (`triton_build.build`); None without triton."""
-    built = build(globals(), [(_rope_kernel, {})], "fused rope")
+    # the token counts are the grid's and index math only: never specialised (a variant compiled mid-capture)
+    built = build(globals(), [(_rope_kernel, {"do_not_specialize": ["tokens", "cos_rows"]})], "fused rope")
     return None if built is None else _Kernels(built.fns[0], built.interpreted)
 
 
 def kernel_ready(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether `rope` runs the kernel: q [B, T, Hq, D] and k [B, T, Hk, D] of one floating dtype and device
-    with cos/sin [B, T, D] of that dtype (no gradient), D even; on a GPU (or in triton's interpreter, for
-    tests), not while torch.compile traces."""
-    if torch.compiler.is_compiling() or q.dim() != 4 or k.dim() != 4:
+    """Whether `rope` runs the kernel: q [B, T, Hq, D] and k [B, T, Hk, D] of one floating dtype, cos/sin
+    [B or 1, T, D] of one floating dtype (no gradient), D even, all on one device; on a GPU (or in triton's
+    interpreter, for tests), not while torch.compile traces."""
+    if torch.compiler.is_compiling() or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return False
     b, t, _, d = q.shape
-    if k.shape[:2] != (b, t) or k.shape[3] != d or d % 2 or cos.shape != (b, t, d) or sin.shape != cos.shape:
+    if k.shape[:2] != (b, t) or k.shape[3] != d or d % 2 or cos.shape[0] not in (1, b):
         return False
-    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or not q.is_floating_point():
+    if cos.shape[1:] != (t, d) or sin.shape != cos.shape or q.dtype != k.dtype or cos.dtype != sin.dtype:
         return False
-    if len({q.device, k.device, cos.device, sin.device}) != 1 or cos.requires_grad or sin.requires_grad:
+    if not (q.is_floating_point() and cos.is_floating_point()) or cos.requires_grad or sin.requires_grad:
+        return False
+    if len({q.device, k.device, cos.device, sin.device}) != 1:
         return False
     kernels = _kernels()
     return kernels is not None and (q.is_cuda or kernels.interpreted)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """x [B, T, H, D] through the kernel (cos/sin contiguous [B, T, D])."""
-    x = x.to(cos.dtype).contiguous()
-    out = torch.empty_like(x)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, backward: bool):
+    """x [B, T, H, D] through the kernel (cos/sin contiguous [B or 1, T, D]), written in ``out_dtype``."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     b, t, h, d = x.shape
     if b * t:
         _kernels().rope[(b * t,)](  # type: ignore[union-attr]
-            x, cos, sin, out, H=h, HALF=d // 2, PH=_pow2(h), PD=_pow2(d // 2), BACKWARD=backward, num_warps=4
-        )
+            x, cos, sin, out, t, t if cos.shape[0] > 1 else 0,
+            H=h, HALF=d // 2, PH=_pow2(h), PD=_pow2(d // 2), BACKWARD=backward, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -137,17 +142,23 @@ def _pow2(n: int) -> int:
 
 
 class _Rope(torch.autograd.Function):
+    """Outputs in the dtype transformers' products promote to (a bf16 q with fp32 cos/sin: fp32, as in full
+    fine-tuning under autocast); gradients in the inputs' dtype, as autograd casts them."""
+
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+        ctx.dtype = q.dtype
+        out = torch.promote_types(q.dtype, cos.dtype)
+        return _rotate(q, cos, sin, out, False), _rotate(k, cos, sin, out, False)
 
     @staticmethod
     def backward(ctx: Any, dq: torch.Tensor | None, dk: torch.Tensor | None) -> Any:
         cos, sin = ctx.saved_tensors
-        gq = None if dq is None else _rotate(dq, cos, sin, True)
-        gk = None if dk is None else _rotate(dk, cos, sin, True)
+        want_q, want_k = ctx.needs_input_grad[:2]
+        gq = _rotate(dq, cos, sin, ctx.dtype, True) if want_q and dq is not None else None
+        gk = _rotate(dk, cos, sin, ctx.dtype, True) if want_k and dk is not None else None
         return gq, gk, None, None
 
 
@@ -166,26 +177,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 class FusedRopeAttention(nn.Module):
-    """A `ROPE_ATTENTION` module's forward with `rope`; its projections are this module's children under
-    their own names, and every other attribute is the wrapped module's (the attention kernels get it)."""
+    """The class an attention module of a `ROPE_ATTENTION` class becomes (`fused_class`: this mixin over its
+    own class): its forward with `rope`; a call with a KV cache (generation; transformers 5.17 names it
+    ``past_key_values``, 5.24 ``cache``) runs the class's own. The module stays an instance of its class, with
+    its own children and attributes: nothing is copied, so PEFT's unload and merge, a child swapped later, and
+    transformers' isinstance checks (``output_attentions``) see it as before."""
 
-    def __init__(self, attention: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "_attention", attention)  # not a child: its children are this module's
-        for name, child in attention.named_children():  # not add_module: hasattr would find them through it
-            self._modules[name] = child
-        self.kind = ROPE_ATTENTION[type(attention).__name__]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_attention"), name)
-
-    def train(self, mode: bool = True) -> FusedRopeAttention:
-        super().train(mode)
-        self._attention.training = mode
-        return self
+    rope_kind: RopeAttention  # set on each class `fused_class` makes
 
     def forward(
         self,
@@ -194,40 +192,74 @@ class FusedRopeAttention(nn.Module):
         attention_mask: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        inner = self._attention
-        # a KV cache (generation; transformers 5.17 names it past_key_values, 5.24 cache): the class's forward
-        if (
-            kwargs.get("past_key_values") is not None
-            or kwargs.get("cache") is not None
-            or position_embeddings is None
-        ):
-            return type(inner).forward(inner, hidden_states, position_embeddings, attention_mask, **kwargs)
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("cache", None)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, inner.head_dim)
-        query = inner.q_proj(hidden_states).view(hidden_shape)
-        key = inner.k_proj(hidden_states).view(hidden_shape)
-        if self.kind.qk_norm:
-            query, key = inner.q_norm(query), inner.k_norm(key)
-        value = inner.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = rope(query, key, cos, sin)
-        interface = _attention_interface(inner)
-        window = {}
-        if self.kind.window == "module":
-            window = {"sliding_window": inner.sliding_window}
-        elif self.kind.window == "config":
-            window = {"sliding_window": getattr(inner.config, "sliding_window", None)}
-        out, weights = interface(
-            inner, query.transpose(1, 2), key.transpose(1, 2), value, attention_mask,
-            dropout=0.0 if not inner.training else inner.attention_dropout, scaling=inner.scaling, **window, **kwargs,
-        )  # fmt: skip
-        out = out.reshape(*input_shape, -1).contiguous()
-        return inner.o_proj(out), weights
+        cached = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+        if cached or position_embeddings is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)  # type: ignore[misc]
+        return rope_attention_forward(
+            self, self.rope_kind, hidden_states, position_embeddings, attention_mask, **kwargs
+        )
 
-    def extra_repr(self) -> str:
-        return f"replaces={type(self._attention).__name__}"
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickled (and deep-copied) as its transformers class, made fused again when loaded
+        return (_restore, (fused_base(type(self)), self.__dict__.copy()))
+
+
+_FUSED_CLASSES: dict[type, type] = {}  # transformers class -> its fused class, made once a process
+
+
+def fused_class(cls: type) -> type:
+    """``cls`` (a `ROPE_ATTENTION` class) with `FusedRopeAttention`'s forward."""
+    if cls not in _FUSED_CLASSES:
+        namespace = {"rope_kind": ROPE_ATTENTION[cls.__name__], "__module__": __name__}
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedRopeAttention, cls), namespace)
+    return _FUSED_CLASSES[cls]
+
+
+def fused_base(cls: type) -> type:
+    """The transformers class a `fused_class` extends."""
+    return next(c for c in cls.__mro__[1:] if c is not FusedRopeAttention and c.__name__ in ROPE_ATTENTION)
+
+
+def _restore(base: type, state: dict[str, Any]) -> nn.Module:
+    module = base.__new__(base)
+    module.__dict__.update(state)
+    module.__class__ = fused_class(base)
+    return module
+
+
+def to_fused(attention: nn.Module) -> nn.Module:
+    """``attention`` itself, its class now `fused_class` of its own."""
+    attention.__class__ = fused_class(type(attention))
+    return attention
+
+
+def rope_attention_forward(
+    module: nn.Module, kind: RopeAttention, hidden_states: torch.Tensor, position_embeddings: Any,
+    attention_mask: Any, **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    """transformers' Llama attention forward (with ``kind``'s differences), the rotation by `rope`."""
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("cache", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query = module.q_proj(hidden_states).view(hidden_shape)
+    key = module.k_proj(hidden_states).view(hidden_shape)
+    if kind.qk_norm:
+        query, key = module.q_norm(query), module.k_norm(key)
+    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = rope(query, key, cos, sin)
+    window = {}
+    if kind.window == "module":
+        window = {"sliding_window": module.sliding_window}
+    elif kind.window == "config":
+        window = {"sliding_window": getattr(module.config, "sliding_window", None)}
+    out, weights = _attention_interface(module)(
+        module, query.transpose(1, 2), key.transpose(1, 2), value, attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **window, **kwargs,
+    )  # fmt: skip
+    out = out.reshape(*input_shape, -1).contiguous()
+    return module.o_proj(out), weights
 
 
 def _attention_interface(module: nn.Module) -> Any:
@@ -235,15 +267,17 @@ def _attention_interface(module: nn.Module) -> Any:
     implementation, else the model file's eager forward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    eager = importlib.import_module(type(module).__module__).eager_attention_forward
+    cls = fused_base(type(module)) if isinstance(module, FusedRopeAttention) else type(module)
+    eager = importlib.import_module(cls.__module__).eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
 
 
 @torch.no_grad()
 def probe(attention: nn.Module) -> str | None:
-    """None when `FusedRopeAttention` gives ``attention``'s own output on random tokens and rotations (in its
-    dtype and device, through the kernel where it would run); else why not."""
-    if type(attention).__name__ not in ROPE_ATTENTION:
+    """None when `rope_attention_forward` gives ``attention``'s own output on random tokens and rotations (in
+    its compute dtype and device, through the kernel where it would run); else why not."""
+    cls = type(attention)
+    if cls.__name__ not in ROPE_ATTENTION or not cls.__module__.startswith("transformers.models."):
         return "not an attention class whose forward the fused one reproduces"
     reason = unmaterialised(attention)
     if reason is not None:
@@ -253,19 +287,20 @@ def probe(attention: nn.Module) -> str | None:
         with evaluating(attention):
             gen = torch.Generator().manual_seed(0)
             hidden = attention.q_proj.in_features
-            dtype = weight.dtype if weight.is_floating_point() else torch.float32
-            x = torch.randn(1, 7, hidden, generator=gen).to(weight.device, dtype)
+            x = torch.randn(1, 7, hidden, generator=gen).to(weight.device, compute_dtype(attention))
             angles = torch.rand(1, 7, attention.head_dim // 2, generator=gen) * 6.3
             angles = torch.cat((angles, angles), dim=-1)
             rotation = (angles.cos().to(x), angles.sin().to(x))
             want = type(attention).forward(attention, x, rotation, None)[0]
-            got = FusedRopeAttention(attention)(x, rotation, None)[0]
+            got = rope_attention_forward(
+                attention, ROPE_ATTENTION[type(attention).__name__], x, rotation, None
+            )[0]
     except Exception as e:  # noqa: BLE001 - an attention that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
     return mismatch(want, got, 8, "the class's forward")
 
 
 def fuse_rope_attention(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
-    """Wrap the ``self_attn`` of each decoder layer whose class passes `probe`; returns (wrapped, {class kept:
-    why})."""
-    return swap_layers(layers, "self_attn", FusedRopeAttention, probe)
+    """Make the ``self_attn`` of each decoder layer whose class passes `probe` fused (`to_fused`); returns
+    (swapped, {class kept: why})."""
+    return swap_layers(layers, "self_attn", FusedRopeAttention, probe, swap=to_fused)

@@ -13,8 +13,8 @@ than eager (32.4 ms), hence the row width as a constant.
 
 `FusedSwiGLUMLP` wraps a decoder layer's MLP (its submodules stay registered under their own names, so
 parameter names, adapters and saved models do not change) and computes ``down(swiglu(gate(x), up(x)))``.
-An MLP class is wrapped only after a probe shows the wrapper gives the class's own output (a GELU MLP, or
-one with an extra term, fails and keeps its code). The kernel runs on CUDA tensors with triton installed,
+Only the MLP classes of `SWIGLU_MLP` are wrapped (Llama, Mistral, Qwen2, Qwen3), and only after a probe shows
+the wrapper gives the class's own output (a GELU activation fails and keeps its code). The kernel runs on CUDA tensors with triton installed,
 outside torch.compile (inductor fuses the eager math itself); elsewhere `swiglu` is the eager math.
 Importing this module never imports triton: `_kernels` does, on first use.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.model.layer_probe import evaluating, mismatch, swap_layers, unmaterialised
+from tunesmith.model.layer_probe import compute_dtype, evaluating, mismatch, swap_layers, unmaterialised
 from tunesmith.triton_build import build
 
 BLOCK = 1024  # columns a program handles (4 warps, 8 a thread)
@@ -164,7 +164,7 @@ def probe(mlp: nn.Module) -> str | None:
         with evaluating(mlp):
             hidden = mlp.gate_proj.in_features
             x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0))
-            x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+            x = x.to(weight.device, compute_dtype(mlp))
             want = type(mlp).forward(mlp, x)
             got = FusedSwiGLUMLP(mlp)(x)
     except Exception as e:  # noqa: BLE001 - an MLP that cannot be probed keeps its own code
@@ -172,9 +172,16 @@ def probe(mlp: nn.Module) -> str | None:
     return mismatch(want, got, 8, "down(silu(gate) * up)")  # a rounding or two, through down
 
 
+# MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` and nothing else (read in
+# transformers 5.17 and 5.24); the probe checks the activation is SiLU. An allow-list, not the probe alone:
+# a probe in eval mode on a few rows cannot see a dropout or a clamp that only training or large values reach.
+SWIGLU_MLP = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
 def _not_wrappable(mlp: nn.Module) -> str | None:
-    if not type(mlp).__module__.startswith(("transformers.", "transformers_modules.")):
-        return "not a transformers MLP (another wrapper or library chose it)"
+    cls = type(mlp)
+    if cls.__name__ not in SWIGLU_MLP or not cls.__module__.startswith("transformers.models."):
+        return "not an MLP class whose forward the fused one reproduces"
     return _shape_reason(mlp)
 
 

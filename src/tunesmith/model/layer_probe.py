@@ -33,6 +33,24 @@ def unmaterialised(module: nn.Module) -> str | None:
     return None
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in, for a probe's inputs: its frozen floating weights' (a LoRA model's
+    base), a 4-bit layer's compute dtype (QLoRA, whose stored weights are integers), else its first floating
+    parameter's; fp32 without any."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    frozen = [p for p in params if not p.requires_grad]
+    if frozen:
+        return frozen[0].dtype
+    quantized = [
+        m.compute_dtype
+        for m in module.modules()
+        if isinstance(getattr(m, "compute_dtype", None), torch.dtype)
+    ]
+    if quantized:
+        return quantized[0]
+    return params[0].dtype if params else torch.float32
+
+
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode inside the block (no dropout: two forwards must see one function)."""
@@ -45,16 +63,18 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 
 def swap_layers(
-    layers: list[nn.Module], attr: str, wrapper: type[nn.Module], probe: Callable[[nn.Module], str | None],
-    reason: Callable[[nn.Module], str | None] = lambda m: None,
+    layers: list[nn.Module], attr: str, fused: type[nn.Module], probe: Callable[[nn.Module], str | None],
+    reason: Callable[[nn.Module], str | None] = lambda m: None, swap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[int, dict[str, str]]:  # fmt: skip
-    """Replace ``layer.<attr>`` of each layer by ``wrapper(module)`` where ``reason(module)`` is None and the
-    module's class passes ``probe`` (probed once a class); returns (swapped, {class kept: why})."""
+    """Replace ``layer.<attr>`` of each layer by ``swap(module)`` (default: ``fused(module)``) where
+    ``reason(module)`` is None and the module's class passes ``probe`` (probed once a class); modules already
+    ``fused`` are left alone. Returns (swapped, {class kept: why})."""
+    make = swap or fused
     verdicts: dict[type, str | None] = {}
     done, kept = 0, {}
     for layer in layers:
         module = getattr(layer, attr, None)
-        if not isinstance(module, nn.Module) or isinstance(module, wrapper):
+        if not isinstance(module, nn.Module) or isinstance(module, fused):
             continue
         why = reason(module)
         if why is None:
@@ -64,6 +84,6 @@ def swap_layers(
         if why is not None:
             kept[type(module).__name__] = why
             continue
-        setattr(layer, attr, wrapper(module))
+        setattr(layer, attr, make(module))
         done += 1
     return done, kept

@@ -6,20 +6,20 @@ and the sum) and two in the backward (the scaling of the incoming gradient, and 
 gradients, base and adapter, over ``[tokens x in_features]``). With LoRA on every linear layer of a
 24-layer model that is some 700 kernels and about 20 GB of memory traffic per step of 3,500 tokens (on an
 H200, about a tenth of a replayed default step). Here the adapter's product is added by the matmul itself
-(``addmm``: cuBLAS adds it to the base output while it accumulates in fp32) and the scaling goes to the
-``[tokens x rank]`` intermediate, so none of those passes remains:
+(``addmm``: cuBLAS adds it to the base output while it accumulates in fp32) and the scaling rides on A's cast
+to the compute dtype (``sA``), so none of those passes remains:
 
-    forward   y  = x W^T (+ bias);   y += (s * x A^T) B^T
-    backward  g  = dy B;  dx = dy W + (s * g) A;  dA = (s * g)^T x;  dB = dy^T (s * x A^T)
+    forward   y  = x W^T (+ bias);   y += (x (sA)^T) B^T
+    backward  g  = dy B;  dx = dy W + g (sA);  dA = s g^T x;  dB = dy^T (x (sA)^T)
 
 Only while a CUDA graph is being captured (`training/step_graphs.py`): there the host's cost is paid once
 and every replay gains (the default LoRA step of bench/cuda_graph_step.py --mixed, 8 rows, 3,096 tokens,
 H200: 40.6 -> 36.9 ms replayed). Run eagerly, each call is launched from Python again, and this layer's
 Python backward costs the host more than PEFT's C++ autograd nodes: that step took 157 ms against PEFT's
 147 ms. So outside a capture (and under torch.compile, whose inductor fuses PEFT's passes itself) the layer
-is PEFT's. The numbers are PEFT's up to rounding: the base output and ``s * x A^T`` are rounded to the compute
-dtype as in PEFT, then the product is added in fp32 and the sum rounded once, where PEFT rounds the
-product, the scaled product and the sum. The layer is PEFT's own
+is PEFT's. The numbers are PEFT's up to rounding: the base output and ``x (sA)^T`` are rounded to the compute
+dtype, then the product is added in fp32 and the sum rounded once, where PEFT rounds the product, the
+scaled product and the sum; the adapters' gradients leave their matmuls in fp32 without a bf16 rounding. The layer is PEFT's own
 `lora.Linear`, registered through LoraConfig's custom-module mapping, so adapters save, load, merge and
 unload as PEFT's; anything the fused path does not cover (dropout, DoRA and other variants, several
 active adapters, merged or disabled adapters, mixed-adapter batches, a trained base weight, a

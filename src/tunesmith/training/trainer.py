@@ -110,12 +110,10 @@ class TunesmithTrainer(Trainer):
         self.bundle.watchdog.check(self.state.global_step + 1, loss, inputs)
         return loss
 
-    def _uncast_step(
-        self, model: Any, inputs: dict[str, Any], num_items: Any = None, *extra: Any
-    ) -> torch.Tensor:
+    def _uncast_step(self, model: Any, inputs: dict[str, Any], num_items: Any = None) -> torch.Tensor:
         """HF's training step with the run's LoRA layers reading their input uncast (`lora_casting`)."""
         with inputs_uncast(self._uncast_layers):
-            return super().training_step(model, inputs, num_items, *extra)
+            return super().training_step(model, inputs, num_items)
 
     def get_train_dataloader(self) -> Any:
         """HF's, built with `train_collator` when one is set: evaluation and prediction batches keep
