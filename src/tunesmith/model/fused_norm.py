@@ -30,10 +30,10 @@ from tunesmith.model.layer_probe import mismatch, unmaterialised
 class FusedRMSNorm(nn.Module):
     """``weight * rms_norm(x)`` over the last dimension, with ``norm``'s weight parameter (shared, not copied)."""
 
-    def __init__(self, norm: nn.Module, eps: float) -> None:
+    def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.weight = norm.weight
-        self.eps = eps
+        self.eps = eps_of(norm) or 0.0
         self.replaces = type(norm).__name__  # for repr and logs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def probe(norm: nn.Module) -> str | None:
     x = x.to(twin.weight.device, twin.weight.dtype)
     try:
         want = twin(x)
-        got = FusedRMSNorm(twin, eps_of(twin) or 0.0)(x)
+        got = FusedRMSNorm(twin)(x)
     except Exception as e:  # noqa: BLE001 - a layer that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {e}"
     # a rounding or two of the output's dtype apart at most, far below what any other formula gives
@@ -122,6 +122,6 @@ def fuse_rms_norms(model: nn.Module) -> NormSwap:
             swap.kept[cls.__name__] = reason
             continue
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, FusedRMSNorm(norm, eps_of(norm) or 0.0))
+        setattr(model.get_submodule(parent), leaf, FusedRMSNorm(norm))
         swap.swapped[cls.__name__] = swap.swapped.get(cls.__name__, 0) + 1
     return swap

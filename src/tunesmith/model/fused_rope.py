@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tunesmith.model.layer_probe import compute_dtype, evaluating, mismatch, swap_layers, unmaterialised
 from tunesmith.triton_build import build
@@ -162,18 +163,12 @@ class _Rope(torch.autograd.Function):
         return gq, gk, None, None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Queries [B, T, Hq, D] and keys [B, T, Hk, D] rotated by cos/sin [B, T, D] as transformers'
     `apply_rotary_pos_emb` does: the Triton kernel where `kernel_ready`, else the same eager math."""
     if kernel_ready(q, k, cos, sin):
         return _Rope.apply(q, k, cos, sin)
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # token-major: the heads are dimension 2
 
 
 class FusedRopeAttention(nn.Module):
@@ -183,7 +178,8 @@ class FusedRopeAttention(nn.Module):
     its own children and attributes: nothing is copied, so PEFT's unload and merge, a child swapped later, and
     transformers' isinstance checks (``output_attentions``) see it as before."""
 
-    rope_kind: RopeAttention  # set on each class `fused_class` makes
+    rope_kind: RopeAttention  # set on each class `fused_class` makes, with the transformers class it extends
+    rope_base: type
 
     def forward(
         self,
@@ -201,7 +197,7 @@ class FusedRopeAttention(nn.Module):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # pickled (and deep-copied) as its transformers class, made fused again when loaded
-        return (_restore, (fused_base(type(self)), self.__dict__.copy()))
+        return (_restore, (self.rope_base, self.__dict__.copy()))
 
 
 _FUSED_CLASSES: dict[type, type] = {}  # transformers class -> its fused class, made once a process
@@ -210,14 +206,9 @@ _FUSED_CLASSES: dict[type, type] = {}  # transformers class -> its fused class, 
 def fused_class(cls: type) -> type:
     """``cls`` (a `ROPE_ATTENTION` class) with `FusedRopeAttention`'s forward."""
     if cls not in _FUSED_CLASSES:
-        namespace = {"rope_kind": ROPE_ATTENTION[cls.__name__], "__module__": __name__}
+        namespace = {"rope_kind": ROPE_ATTENTION[cls.__name__], "rope_base": cls, "__module__": __name__}
         _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedRopeAttention, cls), namespace)
     return _FUSED_CLASSES[cls]
-
-
-def fused_base(cls: type) -> type:
-    """The transformers class a `fused_class` extends."""
-    return next(c for c in cls.__mro__[1:] if c is not FusedRopeAttention and c.__name__ in ROPE_ATTENTION)
 
 
 def _restore(base: type, state: dict[str, Any]) -> nn.Module:
@@ -267,7 +258,7 @@ def _attention_interface(module: nn.Module) -> Any:
     implementation, else the model file's eager forward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    cls = fused_base(type(module)) if isinstance(module, FusedRopeAttention) else type(module)
+    cls = module.rope_base if isinstance(module, FusedRopeAttention) else type(module)
     eager = importlib.import_module(cls.__module__).eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
 
@@ -292,9 +283,7 @@ def probe(attention: nn.Module) -> str | None:
             angles = torch.cat((angles, angles), dim=-1)
             rotation = (angles.cos().to(x), angles.sin().to(x))
             want = type(attention).forward(attention, x, rotation, None)[0]
-            got = rope_attention_forward(
-                attention, ROPE_ATTENTION[type(attention).__name__], x, rotation, None
-            )[0]
+            got = rope_attention_forward(attention, ROPE_ATTENTION[cls.__name__], x, rotation, None)[0]
     except Exception as e:  # noqa: BLE001 - an attention that cannot be probed keeps its own code
         return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
     return mismatch(want, got, 8, "the class's forward")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.model.layer_probe import compute_dtype, evaluating, mismatch, swap_layers, unmaterialised
+from tunesmith.model.tiled_mlp import tileable
 from tunesmith.triton_build import build
 
 BLOCK = 1024  # columns a program handles (4 warps, 8 a thread)
@@ -138,24 +139,12 @@ class FusedSwiGLUMLP(nn.Module):
         return f"replaces={self.replaces}"
 
 
-GATED = ("gate_proj", "up_proj", "down_proj")
-
-
-def _shape_reason(mlp: nn.Module) -> str | None:
-    if not all(isinstance(getattr(mlp, n, None), nn.Module) for n in GATED):
-        return "not a gated MLP (gate_proj, up_proj, down_proj)"
-    if list(mlp.parameters(recurse=False)) or list(mlp.buffers(recurse=False)):
-        return "weights of its own besides its projections"
-    return None
-
-
 @torch.no_grad()
 def probe(mlp: nn.Module) -> str | None:
     """None when `FusedSwiGLUMLP` gives ``mlp``'s own output on random rows (in its dtype and device, through
     the kernel where it would run); else why not."""
-    reason = _shape_reason(mlp)
-    if reason is not None:
-        return reason
+    if not tileable(mlp):  # the same shape tiled_mlp_tokens wraps
+        return "not a dense gated MLP (gate_proj, up_proj, down_proj, no weights of its own)"
     reason = unmaterialised(mlp)
     if reason is not None:
         return reason
@@ -182,7 +171,7 @@ def _not_wrappable(mlp: nn.Module) -> str | None:
     cls = type(mlp)
     if cls.__name__ not in SWIGLU_MLP or not cls.__module__.startswith("transformers.models."):
         return "not an MLP class whose forward the fused one reproduces"
-    return _shape_reason(mlp)
+    return None
 
 
 def fuse_swiglu_mlps(layers: list[nn.Module]) -> tuple[int, dict[str, str]]:
