@@ -124,6 +124,56 @@ KERNEL_GROUPS = (  # first match wins; names of CUDA kernels as the profiler rec
 )
 
 
+GAP_US = 20.0  # GPU idle shorter than this is launch latency, not host work
+
+
+def host_during_idle(events: list[dict], kernels: list[dict], top: int = 25) -> dict:
+    """What the training thread's Python was doing while the GPU idled (a trace recorded with_stack).
+
+    Each idle gap of GPU work is charged to the Python frames running on the training thread (the thread of
+    the outermost trainer frame, `_inner_training_loop`) at the gap's midpoint: `innermost` to the deepest frame
+    there, `below_loop` to the chain of up to three frames under the trainer's per-step loop (`_run_epoch`),
+    which names the step's phase (clipping, the optimizer, zero_grad, logging, the next batch, the replay).
+    Empty when the trace has no Python frames (recorded without with_stack)."""
+    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function"]
+    loop = [e for e in frames if e["name"].endswith("_inner_training_loop")]
+    if not loop:
+        return {}
+    tid = loop[0]["tid"]
+    frames = sorted((e for e in frames if e["tid"] == tid), key=lambda e: (e["ts"], -e["dur"]))
+    gaps, busy_until = [], kernels[0]["ts"]
+    for e in kernels:
+        if e["ts"] - busy_until >= GAP_US:
+            gaps.append((busy_until, e["ts"]))
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    innermost: dict[str, float] = {}
+    below: dict[str, float] = {}
+    charged = 0.0
+    for start, end in gaps:
+        mid = (start + end) / 2
+        stack = [e for e in frames if e["ts"] <= mid < e["ts"] + e["dur"]]  # outer to inner (sorted by start)
+        dur = end - start
+        charged += dur
+        leaf = stack[-1]["name"] if stack else "(no Python frame)"
+        innermost[leaf] = innermost.get(leaf, 0.0) + dur
+        names = [e["name"] for e in stack]
+        at = next((i for i, n in enumerate(names) if n.endswith("_run_epoch")), None)
+        chain = " > ".join(_short(n) for n in names[at + 1 : at + 4]) if at is not None else "(outside the step loop)"
+        below[chain or "(the step loop itself)"] = below.get(chain or "(the step loop itself)", 0.0) + dur
+
+    def table(d: dict[str, float]) -> dict[str, float]:
+        return {k: round(v / 1e3, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}
+
+    return {"gaps": len(gaps), "idle_ms": round(charged / 1e3, 3), "below_loop_ms": table(below),
+            "innermost_ms": table(innermost)}  # fmt: skip
+
+
+def _short(frame: str) -> str:
+    """'…/site-packages/transformers/trainer.py(1951): _run_epoch' -> 'trainer.py:_run_epoch'."""
+    where, _, fn = frame.partition(": ")
+    return f"{Path(where.split('(')[0]).name}:{fn}" if fn else frame
+
+
 def summarize_trace(path: Path) -> dict:
     """GPU time by kernel group, and the GPU's idle time, over a Chrome trace (torch.profiler export)."""
     import gzip
@@ -146,6 +196,7 @@ def summarize_trace(path: Path) -> dict:
         busy_until = max(busy_until, e["ts"] + e["dur"])
     busy = sum(groups.values())
     return {
+        **({"host_during_idle": host_during_idle(events, kernels)} if kernels else {}),
         "kernels": len(kernels),
         "span_ms": round((busy_until - kernels[0]["ts"]) / 1e3, 3) if kernels else 0.0,
         "kernel_ms": round(busy / 1e3, 3),
@@ -173,6 +224,7 @@ def profile(a: argparse.Namespace, model: Path, extra: dict, write: bool = True)
            "max_steps": 20, "data_cache_dir": str(a.work / "cache"), **a.shape, **a.sets}  # fmt: skip
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        with_stack=a.stack,
         schedule=schedule(wait=8, warmup=2, active=3),
     )
     marks: list[float] = []
@@ -234,6 +286,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--stack", action="store_true", help="record Python frames: the trace summary says what the host did "
+        "while the GPU idled (host_during_idle); the frames slow the profiled steps' host"
+    )  # fmt: skip
     p.add_argument("--cutoff-len", type=int, default=BASE["cutoff_len"])
     p.add_argument("--batch", type=int, default=BASE["per_device_train_batch_size"])
     p.add_argument("--work", type=Path, default=Path("/tmp/tunesmith-profile-step"))

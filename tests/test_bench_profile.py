@@ -71,3 +71,39 @@ def test_profile_under_torchrun_trains_every_rank_and_rank0_writes(tmp_path: Pat
     assert d["profile"]["cprofile_wall_s"] and d["profile"]["trace"]["span_ms"] >= 0
     assert (out.parent / "p-by_cpu.txt").exists() and (out.parent / "p-py_tottime.txt").exists()
     assert (tmp_path / "work" / "rank0" / "out-profile" / "trainer_log.jsonl").exists()
+
+
+def test_idle_gaps_are_charged_to_the_training_threads_python_frames(tmp_path: Path) -> None:
+    def kernel(ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": "nvjet_sm90", "ts": ts, "dur": dur, "tid": 7}
+
+    def frame(name: str, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"ph": "X", "cat": "python_function", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        frame("transformers/trainer.py(1500): _inner_training_loop", 0, 10_000),
+        frame("transformers/trainer.py(1851): _run_epoch", 0, 10_000),
+        frame("torch/nn/modules/module.py(2948): zero_grad", 1_000, 1_000),
+        frame("torch/nn/modules/module.py(2665): parameters", 1_100, 800),
+        frame("transformers/trainer.py(2289): get_batch_samples", 3_000, 500),
+        frame("torch/utils/data/dataloader.py(700): __next__", 3_000, 500, tid=2),  # another thread: ignored
+        kernel(0, 1_000),
+        kernel(2_000, 1_000),  # idle 1000..2000: in zero_grad > parameters
+        kernel(3_010, 100),  # a 10 us gap: launch latency, not charged
+        kernel(4_000, 100),  # idle 3110..4000: its midpoint is after get_batch_samples (3000..3500)
+        kernel(4_100, 100),
+    ]
+    path = tmp_path / "t-trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = psg.summarize_trace(path)["host_during_idle"]
+    assert s["gaps"] == 2 and s["idle_ms"] == 1.89
+    assert s["below_loop_ms"] == {"module.py:zero_grad > module.py:parameters": 1.0, "(the step loop itself)": 0.89}
+    assert s["innermost_ms"] == {
+        "torch/nn/modules/module.py(2665): parameters": 1.0,
+        "transformers/trainer.py(1851): _run_epoch": 0.89,
+    }
+    events = [e for e in events if e["cat"] != "python_function"]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert psg.summarize_trace(path)["host_during_idle"] == {}
