@@ -158,7 +158,11 @@ def host_during_idle(events: list[dict], kernels: list[dict], top: int = 25) -> 
         innermost[leaf] = innermost.get(leaf, 0.0) + dur
         names = [e["name"] for e in stack]
         at = next((i for i, n in enumerate(names) if n.endswith("_run_epoch")), None)
-        chain = " > ".join(_short(n) for n in names[at + 1 : at + 4]) if at is not None else "(outside the step loop)"
+        chain = (
+            " > ".join(_short(n) for n in names[at + 1 : at + 4])
+            if at is not None
+            else "(outside the step loop)"
+        )
         below[chain or "(the step loop itself)"] = below.get(chain or "(the step loop itself)", 0.0) + dur
 
     def table(d: dict[str, float]) -> dict[str, float]:

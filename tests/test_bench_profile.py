@@ -98,7 +98,10 @@ def test_idle_gaps_are_charged_to_the_training_threads_python_frames(tmp_path: P
         json.dump({"traceEvents": events}, f)
     s = psg.summarize_trace(path)["host_during_idle"]
     assert s["gaps"] == 2 and s["idle_ms"] == 1.89
-    assert s["below_loop_ms"] == {"module.py:zero_grad > module.py:parameters": 1.0, "(the step loop itself)": 0.89}
+    assert s["below_loop_ms"] == {
+        "module.py:zero_grad > module.py:parameters": 1.0,
+        "(the step loop itself)": 0.89,
+    }
     assert s["innermost_ms"] == {
         "torch/nn/modules/module.py(2665): parameters": 1.0,
         "transformers/trainer.py(1851): _run_epoch": 0.89,

@@ -312,3 +312,13 @@ def test_watchdog_zero_logged_loss(tmp_path):
     dog.on_log(None, TrainerState(global_step=1), None, logs={"loss": 0.0, "learning_rate": 0.1})
     with pytest.raises(TunesmithError, match="logged loss is exactly 0.0 for 2 consecutive logs"):
         dog.on_log(None, TrainerState(global_step=2), None, logs={"loss": 0.0, "learning_rate": 0.1})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_memory_on_a_gpu_is_max_memory_allocated():
+    from tunesmith.train_log import peak_memory_gib
+
+    device = torch.device("cuda")
+    x = torch.empty(3 * 2**20, device=device)
+    del x
+    assert peak_memory_gib(device) == torch.cuda.max_memory_allocated(device) / 2**30 > 0

@@ -47,9 +47,13 @@ def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU, else this process's peak RSS."""
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, else this process's peak RSS.
+
+    On a GPU read from the allocator's nested statistics: `max_memory_allocated` flattens and sorts all of
+    them in Python first, host time spent after the logging step's sync, while the GPU waits."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        stats = torch.cuda.memory_stats_as_nested_dict(device)
+        return stats.get("allocated_bytes", {}).get("all", {}).get("peak", 0) / 2**30
     import resource  # POSIX only; imported here so the module still imports elsewhere
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -159,7 +163,7 @@ class TrainLogCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_seen": self._tokens_before + self.tokens_seen,
             "tokens_per_s": round(rate, 1),
-            "elapsed_s": round(elapsed, 2),
+            "elapsed_s": round(elapsed, 3),
             "remaining_s": None if remaining is None else round(remaining, 2),
             "percent": 100.0 * step / total if total else 0.0,
             "peak_mem_gib": round(peak_memory_gib(self._device), 3),

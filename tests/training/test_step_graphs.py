@@ -505,6 +505,7 @@ def test_cuda_graphs_true_is_refused_when_the_config_rules_graphs_out(tiny_model
     assert not (tmp_path / "on").exists()  # refused before anything ran
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without a CUDA GPU")
 def test_cuda_graphs_true_without_a_gpu_fails_before_the_first_step(tiny_model_dir, sft_data, tmp_path):
     from tunesmith.errors import TunesmithError
 
@@ -513,6 +514,7 @@ def test_cuda_graphs_true_without_a_gpu_fails_before_the_first_step(tiny_model_d
     assert not (tmp_path / "on").exists()  # before the data or the model were loaded
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without a CUDA GPU")
 def test_a_cpu_varlen_lora_run_lacks_only_the_gpu(tiny_model_dir, sft_data, tmp_path, monkeypatch):
     """The run graphs would take on a GPU: the trainer's own checks find nothing else against them."""
     found = []

@@ -44,6 +44,7 @@ from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
 from tunesmith.training.fused_head import FusedHead, probe_fused_head
+from tunesmith.training.listed_zero_grad import listed_zero_grad
 from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 from tunesmith.training.step_graphs import CudaCapturer, StepGraphs
 
@@ -82,6 +83,13 @@ class TunesmithTrainer(Trainer):
         # the training batches' collator when it differs from data_collator's (static shapes for CUDA graphs)
         self.train_collator: Any = None
         self._captured_ahead = False  # the likely batch widths' graphs, captured at the first replayed step
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """HF's training, with the model's zero_grad over its parameters listed once (`listed_zero_grad`);
+        not under FSDP or DeepSpeed, which replace the parameters when they wrap the model."""
+        engine = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        with listed_zero_grad(None if engine else self.model):
+            return super().train(*args, **kwargs)
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
