@@ -328,6 +328,7 @@ def main() -> int:
     model = a.model or build_model(a.work / "model", a.tokenizer)
     results: dict = {"bench": "profile_step_gpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "device": device(), "versions": versions(), "base": BASE | a.shape | a.sets, "world_size": world,
+                     "data": a.data.name,
                      "variants": []}  # fmt: skip
     if not a.no_profile:  # first: a call cut short by its time limit still brings the profile back
         found = profile(a, model, VARIANTS[a.variants[0]], write=rank == 0)

@@ -112,7 +112,7 @@ def profile_step_gpu(d: dict) -> str | None:
     arch = "Llama-3.2-1B" if base.get("template") == "llama3" else "Qwen2.5-0.5B"
     line = (
         f"{method} SFT step, {arch} arch, batch {base.get('per_device_train_batch_size', 8)}, "
-        f"cutoff {base.get('cutoff_len', 1024)}: {cells}"
+        f"cutoff {base.get('cutoff_len', 1024)}{_data(d)}: {cells}"
     )
     trace = (d.get("profile") or {}).get("trace")
     if trace and trace.get("kernel_ms"):
@@ -121,7 +121,17 @@ def profile_step_gpu(d: dict) -> str | None:
             f"; profiled {d['profile'].get('variant')}: GPU busy {trace['kernel_ms'] / trace['span_ms']:.0%}, "
             f"{top} {ms / trace['kernel_ms']:.0%} of GPU time"
         )
+        idle = trace.get("host_during_idle") or {}
+        phase, phase_ms = next(iter((idle.get("below_loop_ms") or {"": 0}).items()))
+        if phase.endswith("_graph_for") and phase_ms > idle["idle_ms"] / 2:
+            line += " (most idle time: a batch width captured during the profiled steps)"
     return line
+
+
+def _data(d: dict) -> str:
+    """', data NAME' for a profile of other data than alpaca_en_demo (older results do not say theirs)."""
+    name = d.get("data")
+    return f", data {name}" if name and name != "alpaca_en_demo.json" else ""
 
 
 def export_gpu_check(d: dict) -> str | None:
@@ -305,7 +315,7 @@ def _row_key(kind: str, d: dict) -> str:
         return json.dumps({k: d["shape"].get(k) for k in ("rows", "hidden", "vocab")}, sort_keys=True)
     if kind == "profile_step_gpu":  # the newest profiled run, and the newest run per variant set
         if d.get("profile"):
-            return f"profile:{(d.get('base') or {}).get('template')}:{d['profile'].get('variant')}"
+            return f"profile:{(d.get('base') or {}).get('template')}:{d['profile'].get('variant')}{_data(d)}"
         return "timing:" + ",".join(sorted(v["name"] for v in d["variants"]))
     if kind == "qlora_memory":  # the 2048 goal and a context-only search keep their own rows
         goal = (d.get("goals") or {}).get("qlora_2048_peak_le_7gib", {})

@@ -172,3 +172,22 @@ def test_a_speed_only_run_keeps_the_low_memory_row(tmp_path):
     # without a low-memory run, ts-best's own ratio is the row
     got = _train_files(tmp_path, ("old.json", "2026-01-01", {"qwen/full/lf-best": lf}))
     assert "qwen full peak memory ratio at equal tokens per micro-batch: 3.0 (ts-best) (≤ 0.7: FAIL)" in got
+
+
+def test_a_profile_names_other_data_and_an_idle_time_that_was_a_capture():
+    trace = {"kernel_ms": 30.0, "span_ms": 100.0, "by_group_ms": {"gemm": 15.0},
+             "host_during_idle": {"idle_ms": 70.0, "below_loop_ms": {
+                 "trainer.py:training_step > step_graphs.py:step > step_graphs.py:_graph_for": 60.0}}}  # fmt: skip
+    d = {"base": {"cutoff_len": 2048}, "data": "bench_mix.json", "profile": {"variant": "default", "trace": trace},
+         "variants": [{"name": "default", "exit_code": 0, "s_per_step": 0.05, "tokens_per_s": 70000.0}]}  # fmt: skip
+    line = report.profile_step_gpu(d)
+    assert "cutoff 2048, data bench_mix.json: default 0.05 s/step" in line
+    assert line.endswith("GPU busy 30%, gemm 50% of GPU time (most idle time: a batch width captured during the "
+                         "profiled steps)")  # fmt: skip
+    trace["host_during_idle"]["below_loop_ms"] = {"trainer.py:_maybe_log_save_evaluate": 60.0}
+    d["data"] = "alpaca_en_demo.json"
+    line = report.profile_step_gpu(d)
+    assert "cutoff 2048: default" in line and line.endswith("of GPU time")
+    assert report._row_key("profile_step_gpu", d) != report._row_key(
+        "profile_step_gpu", {**d, "data": "bench_mix.json"}
+    )
