@@ -127,7 +127,17 @@ KERNEL_GROUPS = (  # first match wins; names of CUDA kernels as the profiler rec
 GAP_US = 20.0  # GPU idle shorter than this is launch latency, not host work
 
 
-def host_during_idle(events: list[dict], kernels: list[dict], top: int = 25) -> dict:
+def idle_gaps(kernels: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) of every stretch where no kernel of ``kernels`` (sorted by start) runs, in trace µs."""
+    gaps, busy_until = [], kernels[0]["ts"]
+    for e in kernels:
+        if e["ts"] > busy_until:
+            gaps.append((busy_until, e["ts"]))
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    return gaps
+
+
+def host_during_idle(events: list[dict], gaps: list[tuple[float, float]], top: int = 25) -> dict:
     """What the training thread's Python was doing while the GPU idled (a trace recorded with_stack).
 
     Each idle gap of GPU work is charged to the Python frames running on the training thread (the thread of
@@ -141,11 +151,7 @@ def host_during_idle(events: list[dict], kernels: list[dict], top: int = 25) -> 
         return {}
     tid = loop[0]["tid"]
     frames = sorted((e for e in frames if e["tid"] == tid), key=lambda e: (e["ts"], -e["dur"]))
-    gaps, busy_until = [], kernels[0]["ts"]
-    for e in kernels:
-        if e["ts"] - busy_until >= GAP_US:
-            gaps.append((busy_until, e["ts"]))
-        busy_until = max(busy_until, e["ts"] + e["dur"])
+    gaps = [(start, end) for start, end in gaps if end - start >= GAP_US]
     innermost: dict[str, float] = {}
     below: dict[str, float] = {}
     charged = 0.0
@@ -158,12 +164,11 @@ def host_during_idle(events: list[dict], kernels: list[dict], top: int = 25) -> 
         innermost[leaf] = innermost.get(leaf, 0.0) + dur
         names = [e["name"] for e in stack]
         at = next((i for i, n in enumerate(names) if n.endswith("_run_epoch")), None)
-        chain = (
-            " > ".join(_short(n) for n in names[at + 1 : at + 4])
-            if at is not None
-            else "(outside the step loop)"
-        )
-        below[chain or "(the step loop itself)"] = below.get(chain or "(the step loop itself)", 0.0) + dur
+        if at is None:
+            phase = "(outside the step loop)"
+        else:
+            phase = " > ".join(_short(n) for n in names[at + 1 : at + 4]) or "(the step loop itself)"
+        below[phase] = below.get(phase, 0.0) + dur
 
     def table(d: dict[str, float]) -> dict[str, float]:
         return {k: round(v / 1e3, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}
@@ -194,17 +199,16 @@ def summarize_trace(path: Path) -> dict:
         name = e["name"].lower()
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other elementwise")
         groups[group] = groups.get(group, 0.0) + e["dur"]
-    idle, busy_until = 0.0, kernels[0]["ts"] if kernels else 0.0
-    for e in kernels:
-        idle += max(0.0, e["ts"] - busy_until)
-        busy_until = max(busy_until, e["ts"] + e["dur"])
+    gaps = idle_gaps(kernels) if kernels else []
     busy = sum(groups.values())
     return {
-        **({"host_during_idle": host_during_idle(events, kernels)} if kernels else {}),
+        **({"host_during_idle": host_during_idle(events, gaps)} if kernels else {}),
         "kernels": len(kernels),
-        "span_ms": round((busy_until - kernels[0]["ts"]) / 1e3, 3) if kernels else 0.0,
+        "span_ms": round((max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / 1e3, 3)
+        if kernels
+        else 0.0,
         "kernel_ms": round(busy / 1e3, 3),
-        "idle_ms": round(idle / 1e3, 3),
+        "idle_ms": round(sum(end - start for start, end in gaps) / 1e3, 3),
         "by_group_ms": {g: round(v / 1e3, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "by_group_share": {g: round(v / busy, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
     }
