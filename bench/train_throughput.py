@@ -84,12 +84,16 @@ MIN_RUN_S = 60  # a run is started only with at least this much of --budget-s le
 _TS_MODEL_LINE = re.compile(r"attention (\S+) \| gradient checkpointing (\w+)")
 _TS_AUTO_CKPT_LINE = re.compile(r"gradient checkpointing (on|off) \(auto\)")  # decided on the GPU, later
 _TS_AUTO_ESTIMATE = re.compile(r"about ([\d.]+) GiB without it at ([\d,]+) tokens per micro-batch")
+_TS_VARLEN_KERNEL = re.compile(r"flash_attn: varlen kernel: (\S+)")
 
 
 def ts_model_info(output: str) -> dict:
     """Attention and gradient checkpointing from tunesmith's log (`auto` checkpointing is decided later)."""
     found = _TS_MODEL_LINE.search(output)
     info = {"attn_implementation": found[1], "gradient_checkpointing": found[2] == "on"} if found else {}
+    kernel = _TS_VARLEN_KERNEL.search(output)
+    if kernel:
+        info["varlen_kernel"] = kernel[1]
     auto = _TS_AUTO_CKPT_LINE.search(output)
     if auto:
         info |= {"gradient_checkpointing": auto[1] == "on", "gradient_checkpointing_auto": True}

@@ -306,3 +306,5 @@ def test_tunesmith_model_line_and_the_later_auto_checkpointing_decision_are_read
         "auto_estimate_gib": 26.0,
         "auto_estimate_tokens": 16384,
     }
+    kernel = line + "on\n[tunesmith] flash_attn: varlen kernel: fa4 (flash-attn-4 4.0.0b36)\n"
+    assert train_throughput.ts_model_info(kernel)["varlen_kernel"] == "fa4"

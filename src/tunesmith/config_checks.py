@@ -122,6 +122,12 @@ def cross_field_problems(
             "1/sqrt(row length x hidden size): the noise would be about sqrt(rows) times weaker than asked",
             "use flash_attn: auto (sdpa when neftune_noise_alpha is set) or sdpa, or remove neftune_noise_alpha",
         )
+    if v["varlen_kernel"] != "auto" and v["flash_attn"] not in ("auto", "varlen"):
+        add(
+            "varlen_kernel",
+            f"varlen_kernel chooses the kernel of flash_attn: varlen, but flash_attn is {v['flash_attn']}",
+            "remove varlen_kernel, or set flash_attn: varlen",
+        )
     if hf.get("torch_compile"):
         _compile_problems(hf, add)
     if v["stage"] == "ppo" and training and not v["reward_model"] and not v["reward_funcs"]:

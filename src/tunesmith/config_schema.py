@@ -32,6 +32,12 @@ class ModelArgs:
         "else sdpa; flex: PyTorch flex attention, skips cross-document blocks of packed rows; "
         "varlen: PyTorch's flash varlen kernel, one document at a time, no mask).",
     )
+    varlen_kernel: Literal["auto", "torch", "fa4"] = opt(
+        "auto",
+        "The kernel varlen attention runs on a GPU. auto: FlashAttention-4 where the flash-attn-4 package is "
+        "installed (pip install 'tunesmith[fa4]') and has kernels for the GPU (Hopper, Blackwell), and agrees with "
+        "PyTorch's kernel on a check at start; else PyTorch's flash kernel. torch: PyTorch's; fa4: FA4 or an error.",
+    )
     quantization_bit: int | None = opt(None, "Load the model quantized to 4 or 8 bits (QLoRA).")
     quantization_method: Literal["bnb"] = opt("bnb", "Quantization backend for quantization_bit.")
     quantization_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (bitsandbytes).")

@@ -126,8 +126,9 @@ def embedding_rows(model: Any) -> int:
 
 
 def resolve_attn(
-    attn: str, *, cuda: bool, dtype: torch.dtype, config: Any = None, padding_free: bool = False
-) -> str:
+    attn: str, *, cuda: bool, dtype: torch.dtype, config: Any = None, padding_free: bool = False,
+    varlen_kernel: str = "auto",
+) -> str:  # fmt: skip
     """`auto` -> flash_attention_2 when flash-attn is usable (CUDA, half precision); else, for a training
     whose collator sends document boundaries (`padding_free`), PyTorch's varlen attention when this torch
     has it and the model's attention (`config`) is one it computes; else sdpa."""
@@ -138,7 +139,7 @@ def resolve_attn(
         if cuda and half and is_flash_attn_2_available():
             return "flash_attention_2"
         if cuda and half and padding_free and config is not None:
-            return _auto_varlen(config, dtype)
+            return _auto_varlen(config, dtype, varlen_kernel)
         return "sdpa"
     if attn not in _ATTN_NAMES:
         raise TunesmithError(
@@ -168,11 +169,12 @@ def resolve_attn(
                 f"flash_attn: varlen needs PyTorch's varlen attention (torch >= 2.10; this is {torch.__version__}). "
                 "Fix: upgrade torch, or use flash_attn: sdpa"
             )
-        return varlen.register(cuda=cuda, dtype=dtype, head_size=varlen.head_dim(config) if config else 64)
+        head_size = varlen.head_dim(config) if config else 64
+        return varlen.register(cuda=cuda, dtype=dtype, head_size=head_size, kernel=varlen_kernel)
     return _ATTN_NAMES[attn]
 
 
-def _auto_varlen(config: Any, dtype: torch.dtype) -> str:
+def _auto_varlen(config: Any, dtype: torch.dtype, kernel: str = "auto") -> str:
     """varlen for `auto` (1.41x SDPA's trained tokens/s, compiled packed LoRA on an H100:
     bench/results/train_throughput-2026-11-28T0703Z-qwen-lora-varlen-h100.json), sdpa where it cannot run."""
     from tunesmith.model import varlen
@@ -186,7 +188,7 @@ def _auto_varlen(config: Any, dtype: torch.dtype) -> str:
         logger.info("flash_attn: auto: sdpa, since varlen does not compute %s", ", ".join(missing))
         return "sdpa"
     try:
-        return varlen.register(cuda=True, dtype=dtype, head_size=varlen.head_dim(config))
+        return varlen.register(cuda=True, dtype=dtype, head_size=varlen.head_dim(config), kernel=kernel)
     except TunesmithError as e:  # this torch's kernel cannot train on this GPU: sdpa, and say why
         logger.warning("flash_attn: auto: using sdpa; %s", e)
         return "sdpa"
@@ -230,6 +232,7 @@ def load_model(
     tokenizer: Any = None,
     resize_vocab: bool = False,
     padding_free: bool = False,
+    varlen_kernel: str = "auto",
 ) -> LoadedModel:
     """Load a causal LM for training, resolving every `auto` choice (see `LoadedModel`).
 
@@ -240,6 +243,7 @@ def load_model(
     gradient_checkpointing: None means on with a GPU, off on CPU.
     padding_free: the caller's collator sends document boundaries when the attention is varlen (pt and sft
     training), so `auto` may pick varlen on a GPU.
+    varlen_kernel: the kernel varlen attention runs on a GPU (`varlen.choose_kernel`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -251,7 +255,14 @@ def load_model(
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    chosen_attn = resolve_attn(attn, cuda=cuda, dtype=chosen_dtype, config=config, padding_free=padding_free)
+    chosen_attn = resolve_attn(
+        attn,
+        cuda=cuda,
+        dtype=chosen_dtype,
+        config=config,
+        padding_free=padding_free,
+        varlen_kernel=varlen_kernel,
+    )
     # For auto and sdpa, transformers picks sdpa where the model supports it, else eager.
     if attn != "auto" or chosen_attn != "sdpa":
         kwargs["attn_implementation"] = chosen_attn

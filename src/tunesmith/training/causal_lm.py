@@ -201,6 +201,7 @@ def _load_model(
         tokenizer=tokenizer,
         resize_vocab=m.resize_vocab or bool(m.new_special_tokens),
         padding_free=padding_free,
+        varlen_kernel=m.varlen_kernel,
     )
     options = TuningOptions(
         finetuning_type=f.finetuning_type,
