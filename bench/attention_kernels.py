@@ -132,6 +132,12 @@ def fa4(heads: int, kv_heads: int, head_dim: int):
     return run
 
 
+def fa4_version() -> str | None:
+    from tunesmith.model import fa4 as tunesmith_fa4
+
+    return tunesmith_fa4.version() if tunesmith_fa4.unusable() is None else None
+
+
 KERNELS = {"fa2": fa2, "cudnn": cudnn, "flex": flex, "fa4": fa4}
 
 
@@ -191,7 +197,7 @@ def main() -> int:
     steps = steps_of(layout, a.rows_per_step, a.steps)
     shape = (a.heads, a.kv_heads, a.head_dim)
     result = {"bench": "attention_kernels", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": device(), "versions": versions(), "layout": layout.get("data", str(a.layout)),
+              "device": device(), "versions": {**versions(), "flash-attn-4": fa4_version()}, "layout": layout.get("data", str(a.layout)),
               "shape": {"heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "layers": a.layers,
                         "rows_per_step": a.rows_per_step},
               "steps": [{"tokens": sum(d), "documents": len(d), "max_len": max(d)} for d in steps],

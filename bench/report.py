@@ -286,6 +286,33 @@ def cuda_graph_step(d: dict) -> str | None:
     )
 
 
+def attention_kernels(d: dict) -> str | None:
+    """Each kernel's ms a step (all layers) against PyTorch's FA2, with TFLOP/s and the numbers check."""
+    sh, ks = d["shape"], d["kernels"]
+    base = ks["fa2"]
+    if "ms_per_step_all_layers" not in base:
+        return None
+    tokens = sum(s["tokens"] for s in d["steps"]) // len(d["steps"])
+    parts = [
+        f"fa2 {base['ms_per_step_all_layers']:.1f} ms ({base['tflops_fwd']:.0f}/{base['tflops_bwd']:.0f})"
+    ]
+    for name, k in ks.items():
+        if name == "fa2":
+            continue
+        if "error" in k:
+            parts.append(f"{name} failed ({k['error'].split(':')[0]})")
+            continue
+        verdict = "pass" if k["pass"] else "FAIL"
+        parts.append(
+            f"{name} {k['ms_per_step_all_layers']:.1f} ms ({k['tflops_fwd']:.0f}/{k['tflops_bwd']:.0f}, "
+            f"{_x(k['speedup_vs_fa2'])}, numbers vs fa2: {verdict})"
+        )
+    return (
+        f"causal varlen attention, {sh['heads']}/{sh['kv_heads']} heads x {sh['head_dim']}, {sh['layers']} layers, "
+        f"packed steps of {tokens:,} tokens ({d['layout']}), ms a step (TFLOP/s fwd/bwd): " + "; ".join(parts)
+    )
+
+
 HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "train_throughput": train_throughput,
     "qlora_memory": qlora_memory,
@@ -298,6 +325,7 @@ HEADLINES: dict[str, Callable[[dict], str | None]] = {
     "export_gpu_check": export_gpu_check,
     "fused_ce_gpu_check": fused_ce_gpu_check,
     "cuda_graph_step": cuda_graph_step,
+    "attention_kernels": attention_kernels,
 }
 
 
@@ -322,6 +350,8 @@ def _row_key(kind: str, d: dict) -> str:
         return "context" if goal.get("value_gib") is None else ""
     if kind == "cuda_graph_step":  # a row per batch size
         return str(d["batch"]["rows"])
+    if kind == "attention_kernels":  # a row per head shape and kernel set
+        return json.dumps([d["shape"], sorted(d["kernels"])], sort_keys=True)
     if kind == "predict_throughput":
         return "ratio" if d.get("ratio") else "check"
     return ""

@@ -122,6 +122,22 @@ def test_cuda_graph_step_headline():
     assert report.cuda_graph_step(d | {"mode": "cpu"}) is None
 
 
+def test_attention_kernels_headline():
+    k = {"ms_per_step_all_layers": 25.0, "tflops_fwd": 226.0, "tflops_bwd": 362.0, "speedup_vs_fa2": 1.62}
+    d = {"shape": {"heads": 32, "kv_heads": 8, "head_dim": 64, "layers": 16}, "layout": "mix",
+         "steps": [{"tokens": 16380}, {"tokens": 16384}],
+         "kernels": {"fa2": {"ms_per_step_all_layers": 40.4, "tflops_fwd": 153.0, "tflops_bwd": 211.0},
+                     "fa4": k | {"pass": True}, "cudnn": {"error": "RuntimeError: no"}}}  # fmt: skip
+    assert report.attention_kernels(d) == (
+        "causal varlen attention, 32/8 heads x 64, 16 layers, packed steps of 16,382 tokens (mix), ms a step "
+        "(TFLOP/s fwd/bwd): fa2 40.4 ms (153/211); fa4 25.0 ms (226/362, 1.62×, numbers vs fa2: pass); "
+        "cudnn failed (RuntimeError)"
+    )
+    d["kernels"]["fa4"]["pass"] = False
+    assert "numbers vs fa2: FAIL" in report.attention_kernels(d)
+    assert report.attention_kernels(d | {"kernels": {"fa2": {"error": "x"}}}) is None
+
+
 H200 = {"cuda": True, "name": "NVIDIA H200", "count": 1}
 
 
