@@ -259,6 +259,13 @@ def cuda_graph_obstacles(v: Mapping[str, Any], hf: Mapping[str, Any]) -> list[st
         "finetuning_type: full (measured slower with graphs: its large steps gain little from a replay, "
         "and packed batches bring new shapes; cuda_graphs: true turns them on)": v["cuda_graphs"] is None
         and v["finetuning_type"] == "full",
+        # Llama-3.2-1B LoRA, packed, compiled, H200: 7 captures of new shapes inside steps 10-60 took 2.6 of
+        # the window's 12.9 s, 56,209 tokens/s against 64,573 without graphs in an earlier call (the Qwen
+        # pair: 68,288 against 77,676); bench/results/train_throughput-2026-11-29T0454Z-llama-lora-fa4-h200.json
+        "packing (measured slower with graphs: packed batches are large, GPU-bound steps, and their "
+        "document counts bring new shapes to capture; cuda_graphs: true turns them on)": v["cuda_graphs"]
+        is None
+        and bool(v["packing"]),
         f"stage {v['stage']} (graphs replay pt and sft steps)": v["stage"] not in ("pt", "sft"),
         f"flash_attn: {v['flash_attn']} (graphs need varlen's document boundaries)": v["flash_attn"]
         not in ("auto", "varlen"),

@@ -203,8 +203,8 @@ class TrainingArgs:
     cuda_graphs: bool | None = opt(
         None,
         "Replay each batch shape's forward + backward as a CUDA graph (widths on a grid, under 1/4 padding): "
-        "much faster small steps. Unset: on where the step allows (LoRA or freeze on one GPU, varlen "
-        "attention, fused loss, no gradient checkpointing, no quantization, no fp16), logged; true: "
+        "much faster small steps. Unset: on where the step allows (LoRA or freeze on one GPU, unpacked batches, "
+        "varlen attention, fused loss, no gradient checkpointing, no quantization, no fp16), logged; true: "
         "required (full fine-tuning too); false: off.",
     )
     # Launch settings (tunesmith train relaunches itself under torchrun); unset means the environment

@@ -571,6 +571,9 @@ def test_config_obstacles_name_each_feature_that_rules_graphs_out():
         ({"optim": "galore_adamw_layerwise"}, "optim galore_adamw_layerwise"),
         ({"use_liger_kernel": True}, "use_liger_kernel"),
         ({"finetuning_type": "full"}, "finetuning_type: full"),  # unset: LoRA and freeze only, as measured
+        ({"packing": True}, "packing (measured slower"),  # unset: unpacked batches only, as measured
+        ({"neat_packing": True}, "packing (measured slower"),
+        ({"stage": "pt"}, "packing (measured slower"),  # pt packs by default
     ]:
         found = obstacles(**keys)
         assert len(found) == 1 and found[0].startswith(word), (keys, found)
@@ -594,6 +597,9 @@ def test_the_stage_decides_from_the_config_and_the_launch(monkeypatch):
     graphs, why = decide(finetuning_type="full")
     assert graphs is False and len(why) == 1 and why[0].startswith("finetuning_type: full")
     assert decide(finetuning_type="full", cuda_graphs=True) == (True, [])
+    graphs, why = decide(packing=True)
+    assert graphs is False and len(why) == 1 and why[0].startswith("packing (measured slower")
+    assert decide(packing=True, cuda_graphs=True) == (True, [])
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert decide() == (False, ["several processes (gradients are all-reduced outside a captured step)"])
     with pytest.raises(TunesmithError, match="cuda_graphs: true, but .*several processes"):

@@ -324,8 +324,11 @@ def test_auto_picks_varlen_on_a_gpu_for_padding_free_training_only(monkeypatch):
         loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen, padding_free=True) == varlen.ATTN_NAME
     )
     assert calls == [
-        {"cuda": True, "dtype": bf16, "head_size": 128}
+        {"cuda": True, "dtype": bf16, "head_size": 128, "kernel": "auto"}
     ]  # the preflight runs at the model's head size
+    for attn in ("auto", "varlen"):  # varlen_kernel reaches the registration either way
+        loader.resolve_attn(attn, cuda=True, dtype=bf16, config=qwen, padding_free=True, varlen_kernel="fa4")
+        assert calls.pop()["kernel"] == "fa4"
     assert loader.resolve_attn("auto", cuda=True, dtype=bf16, config=qwen) == "sdpa"  # no boundaries: DPO
     assert (
         loader.resolve_attn("auto", cuda=False, dtype=torch.float32, config=qwen, padding_free=True) == "sdpa"
