@@ -194,14 +194,12 @@ def cmd_templates(argv: list[str]) -> int:
 
 
 def cmd_version(argv: list[str]) -> int:
-    from importlib.metadata import PackageNotFoundError, version
+    from tunesmith.runs import PACKAGES, package_versions
 
     print(f"tunesmith {__version__}")
-    for pkg in ("torch", "transformers", "tokenizers", "peft", "accelerate", "trl", "datasets", "pyarrow"):
-        try:
-            print(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            print(f"{pkg} (not installed)")
+    found = package_versions()
+    for pkg in PACKAGES[1:]:
+        print(f"{pkg} {found.get(pkg, '(not installed)')}")
     return 0
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 MANIFEST = "run.json"
-# tunesmith's own stack; trl and datasets are optional and recorded when installed.
-PACKAGES = ("tunesmith", "torch", "transformers", "tokenizers", "peft", "accelerate", "trl", "datasets")
+# tunesmith's own stack, then optional packages that change which kernels run (recorded when installed).
+PACKAGES = ("tunesmith", "torch", "transformers", "tokenizers", "peft", "accelerate", "trl", "datasets",
+            "pyarrow", "triton", "flash-attn-4", "nvidia-cutlass-dsl", "flash-attn", "liger-kernel",
+            "bitsandbytes", "deepspeed")  # fmt: skip
 Status = Literal["completed", "failed", "interrupted"]
 
 

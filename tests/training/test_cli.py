@@ -102,3 +102,14 @@ def test_templates_lists_stop_words_and_the_trained_stop_token(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "stop=['<|im_end|>'" in lines["qwen"] and "train_eos" not in lines["qwen"]
     assert "train_eos='{eos_token}'" in lines["glm4"]
+
+
+def test_version_lists_the_stack_and_the_optional_kernel_packages(capsys):
+    from importlib.metadata import version
+
+    assert main(["version"]) == 0
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["torch"] == version("torch") and lines["peft"] == version("peft")
+    for optional in ("flash-attn-4", "liger-kernel", "triton"):  # which kernels a run may pick
+        assert optional in lines
+    assert "(not installed)" in lines["deepspeed"] or lines["deepspeed"] == version("deepspeed")

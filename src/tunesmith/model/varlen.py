@@ -107,6 +107,9 @@ def choose_kernel(kernel: str, api: KernelApi, *, cuda: bool, dtype: torch.dtype
         fa4.unusable() if cuda else "there is no CUDA GPU (on CPU, varlen runs each document through SDPA)"
     )
     if reason is None:
+        logger.info(
+            "flash_attn: varlen: checking FlashAttention-4's kernels against PyTorch's (they compile first)"
+        )
         reason = fa4_preflight(api, dtype, head_size)
     if reason is None:
         return "fa4"
