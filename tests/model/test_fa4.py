@@ -33,14 +33,14 @@ def test_without_the_package_fa4_says_how_to_install_it() -> None:
 
 
 def test_kernel_choice_without_cuda() -> None:
-    assert varlen.choose_kernel("torch", api(), cuda=False, dtype=torch.bfloat16, head_size=64) == "torch"
-    assert varlen.choose_kernel("auto", api(), cuda=False, dtype=torch.bfloat16, head_size=64) == "torch"
+    assert fa4.choose("torch", api(), cuda=False, dtype=torch.bfloat16, head_size=64) == "torch"
+    assert fa4.choose("auto", api(), cuda=False, dtype=torch.bfloat16, head_size=64) == "torch"
     with pytest.raises(TunesmithError) as e:
-        varlen.choose_kernel("fa4", api(), cuda=False, dtype=torch.bfloat16, head_size=64)
+        fa4.choose("fa4", api(), cuda=False, dtype=torch.bfloat16, head_size=64)
     assert "varlen_kernel: fa4 cannot run: there is no CUDA GPU" in str(e.value)
     assert "varlen_kernel: torch" in str(e.value)
     with pytest.raises(TunesmithError, match="varlen_kernel: unknown value 'fa3'; allowed: auto, torch, fa4"):
-        varlen.choose_kernel("fa3", api(), cuda=False, dtype=torch.bfloat16, head_size=64)
+        fa4.choose("fa3", api(), cuda=False, dtype=torch.bfloat16, head_size=64)
 
 
 def test_register_fa4_on_cpu_fails_with_the_fix() -> None:
@@ -128,5 +128,5 @@ def test_fa4_compiles_in_one_graph_with_the_same_numbers() -> None:
 
 @on_fa4_gpu
 def test_auto_picks_fa4_where_it_runs() -> None:
-    assert varlen.choose_kernel("auto", api(), cuda=True, dtype=torch.bfloat16, head_size=64) == "fa4"
-    assert "float32" in varlen.fa4_preflight(api(), torch.float32, 64)
+    assert fa4.choose("auto", api(), cuda=True, dtype=torch.bfloat16, head_size=64) == "fa4"
+    assert "float32" in fa4.preflight(api(), torch.float32, 64)

@@ -18,12 +18,16 @@ between releases.
 
 import importlib
 import importlib.util
+import logging
 from typing import Any
 
 import torch
 
+from tunesmith.errors import TunesmithError
+
 MODULE = "flash_attn.cute.interface"
 INSTALL = "pip install 'tunesmith[fa4]'"
+logger = logging.getLogger(__name__)
 
 
 def unusable() -> str | None:
@@ -117,3 +121,64 @@ def fa4_varlen(
     """Causal attention of each document: q [T, H, D], k/v [T, Hkv, D] (bf16/fp16, CUDA) -> [T, H, D]."""
     out, _ = _fwd(q, k, v, cu, max_len, scale, window - 1 if window else -1)
     return out
+
+
+KERNELS = ("auto", "torch", "fa4")
+
+
+def choose(kernel: str, api: Any, *, cuda: bool, dtype: torch.dtype, head_size: int) -> str:
+    """`varlen_kernel` -> the kernel the CUDA path runs: "torch" (PyTorch's flash varlen kernel) or "fa4"
+    (FlashAttention-4, `fa4_varlen`). auto: fa4 where it is installed, runs on this GPU and agrees
+    with torch's kernel on a small forward + backward, else torch (and the log says why). fa4: the same
+    checks, failing with the fix. Without CUDA, where the documents run through SDPA, torch (fa4: error)."""
+    if kernel not in KERNELS:
+        raise TunesmithError(
+            f"varlen_kernel: unknown value {kernel!r}; allowed: {', '.join(KERNELS)}. Fix: use auto"
+        )
+    if kernel == "torch":
+        return "torch"
+    reason = unusable() if cuda else "there is no CUDA GPU (on CPU, varlen runs each document through SDPA)"
+    if reason is None:
+        logger.info(
+            "flash_attn: varlen: checking FlashAttention-4's kernels against PyTorch's (they compile first)"
+        )
+        reason = preflight(api, dtype, head_size)
+    if reason is None:
+        return "fa4"
+    if kernel == "fa4":
+        raise TunesmithError(
+            f"varlen_kernel: fa4 cannot run: {reason}. Fix: {INSTALL}, or varlen_kernel: torch"
+        )
+    if cuda:
+        logger.info("flash_attn: varlen: varlen_kernel: auto does not use FlashAttention-4: %s", reason)
+    return "torch"
+
+
+def preflight(api: Any, dtype: torch.dtype, head_size: int) -> str | None:
+    """FA4's forward + backward of two short documents (4 query heads, 2 KV heads; compiles its kernels)
+    against torch's flash kernel: None when they agree within bf16 rounding, else why not."""
+    from tunesmith.model.varlen import flash_varlen
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16 or fp16, not {dtype}"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((24, 4, head_size), (24, 2, head_size), (24, 2, head_size))
+    leaves = [torch.randn(s, device="cuda", dtype=dtype, generator=gen) for s in shapes]
+    cu = torch.tensor([0, 10, 24], device="cuda", dtype=torch.int32)
+    results = []
+    try:
+        for fn in (fa4_varlen, lambda *a: flash_varlen(*a, api)):
+            q, k, v = (x.detach().clone().requires_grad_() for x in leaves)
+            out = fn(q, k, v, cu, 14, head_size**-0.5, None)
+            out.float().square().sum().backward()
+            results.append([t.detach().float() for t in (out, q.grad, k.grad, v.grad)])
+        torch.cuda.synchronize()
+    except Exception as e:  # any failure of the package's kernels here means: do not train with them
+        return (
+            f"its forward + backward failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
+    for name, a, b in zip(("output", "dq", "dk", "dv"), *results):
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+        if not rel < 2e-2:
+            return f"its {name} differs from PyTorch's flash kernel by {rel:.3g} (relative)"
+    return None

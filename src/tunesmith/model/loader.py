@@ -243,7 +243,7 @@ def load_model(
     gradient_checkpointing: None means on with a GPU, off on CPU.
     padding_free: the caller's collator sends document boundaries when the attention is varlen (pt and sft
     training), so `auto` may pick varlen on a GPU.
-    varlen_kernel: the kernel varlen attention runs on a GPU (`varlen.choose_kernel`).
+    varlen_kernel: the kernel varlen attention runs on a GPU (`fa4.choose`).
     """
     from transformers import AutoModelForCausalLM
 

@@ -61,7 +61,7 @@ def register(
 
     With ``cuda``, one tiny forward + backward through the flash kernel first, so a torch whose varlen
     attention cannot train (no backward, no kernel for this GPU) fails here with the fix, not mid-run.
-    ``kernel`` is `varlen_kernel` (see `choose_kernel`).
+    ``kernel`` is `varlen_kernel` (see `fa4.choose`).
     """
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
@@ -70,10 +70,10 @@ def register(
     api = KernelApi.of(varlen_attn)
     if cuda:
         preflight(api, dtype, head_size)
-    chosen = choose_kernel(kernel, api, cuda=cuda, dtype=dtype, head_size=head_size)
-    if cuda:
-        from tunesmith.model import fa4
+    from tunesmith.model import fa4
 
+    chosen = fa4.choose(kernel, api, cuda=cuda, dtype=dtype, head_size=head_size)
+    if cuda:
         logger.info(
             "flash_attn: varlen kernel: %s",
             f"fa4 (flash-attn-4 {fa4.version()})"
@@ -85,71 +85,6 @@ def register(
     # would make transformers drop the mask altogether.
     AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
     return ATTN_NAME
-
-
-KERNELS = ("auto", "torch", "fa4")
-
-
-def choose_kernel(kernel: str, api: KernelApi, *, cuda: bool, dtype: torch.dtype, head_size: int) -> str:
-    """`varlen_kernel` -> the kernel the CUDA path runs: "torch" (PyTorch's flash varlen kernel) or "fa4"
-    (FlashAttention-4, `tunesmith.model.fa4`). auto: fa4 where it is installed, runs on this GPU and agrees
-    with torch's kernel on a small forward + backward, else torch (and the log says why). fa4: the same
-    checks, failing with the fix. Without CUDA, where the documents run through SDPA, torch (fa4: error)."""
-    from tunesmith.model import fa4
-
-    if kernel not in KERNELS:
-        raise TunesmithError(
-            f"varlen_kernel: unknown value {kernel!r}; allowed: {', '.join(KERNELS)}. Fix: use auto"
-        )
-    if kernel == "torch":
-        return "torch"
-    reason = (
-        fa4.unusable() if cuda else "there is no CUDA GPU (on CPU, varlen runs each document through SDPA)"
-    )
-    if reason is None:
-        logger.info(
-            "flash_attn: varlen: checking FlashAttention-4's kernels against PyTorch's (they compile first)"
-        )
-        reason = fa4_preflight(api, dtype, head_size)
-    if reason is None:
-        return "fa4"
-    if kernel == "fa4":
-        raise TunesmithError(
-            f"varlen_kernel: fa4 cannot run: {reason}. Fix: {fa4.INSTALL}, or varlen_kernel: torch"
-        )
-    if cuda:
-        logger.info("flash_attn: varlen: varlen_kernel: auto does not use FlashAttention-4: %s", reason)
-    return "torch"
-
-
-def fa4_preflight(api: KernelApi, dtype: torch.dtype, head_size: int) -> str | None:
-    """FA4's forward + backward of two short documents (4 query heads, 2 KV heads; compiles its kernels)
-    against torch's flash kernel: None when they agree within bf16 rounding, else why not."""
-    from tunesmith.model.fa4 import fa4_varlen
-
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"it takes bf16 or fp16, not {dtype}"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = ((24, 4, head_size), (24, 2, head_size), (24, 2, head_size))
-    leaves = [torch.randn(s, device="cuda", dtype=dtype, generator=gen) for s in shapes]
-    cu = torch.tensor([0, 10, 24], device="cuda", dtype=torch.int32)
-    results = []
-    try:
-        for fn in (fa4_varlen, lambda *a: flash_varlen(*a, api)):
-            q, k, v = (x.detach().clone().requires_grad_() for x in leaves)
-            out = fn(q, k, v, cu, 14, head_size**-0.5, None)
-            out.float().square().sum().backward()
-            results.append([t.detach().float() for t in (out, q.grad, k.grad, v.grad)])
-        torch.cuda.synchronize()
-    except Exception as e:  # any failure of the package's kernels here means: do not train with them
-        return (
-            f"its forward + backward failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        )
-    for name, a, b in zip(("output", "dq", "dk", "dv"), *results):
-        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-        if not rel < 2e-2:
-            return f"its {name} differs from PyTorch's flash kernel by {rel:.3g} (relative)"
-    return None
 
 
 def uses_attention_interface(config: Any) -> bool | None:
@@ -349,7 +284,7 @@ def masked_attention(
 
 def make_attention_forward(api: KernelApi, kernel: str = "torch") -> Callable[..., tuple[torch.Tensor, None]]:
     """transformers' attention interface function, bound to this torch's kernel API and the CUDA kernel
-    (`choose_kernel`)."""
+    (`fa4.choose`)."""
     if kernel == "fa4":
         from tunesmith.model.fa4 import fa4_varlen
 
