@@ -2,7 +2,7 @@
 
 PyTorch's own varlen kernel is FlashAttention-2. On an H200 it ran the causal attention of the bench's packed
 Llama-3.2-1B steps (32 query / 8 KV heads of 64, documents of 478 tokens on average) at 144 TFLOP/s forward
-and 211 backward: 41 ms of a 263 ms full-SFT step (bench/results/attention_kernels-2026-11-29T0429Z-*).
+and 211 backward: 41 ms of a full-SFT step of about 0.26 s (bench/results/attention_kernels-2026-11-29T0429Z-*).
 FlashAttention-4 (package flash-attn-4, `pip install 'tunesmith[fa4]'`) has kernels written for SM90 and
 SM100 in NVIDIA's CuTe DSL, compiled just in time on first use (about 30 s at a run's start there). On the
 same steps it ran at 226 TFLOP/s forward and 362 backward, 25 ms a step, with the same outputs and gradients
