@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import io
 import lzma
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from lf_device_env import DEVICE_TARGET, _pip  # bench/ is on sys.path when run as a script
 
 CUTLASS = "4.8.1"
 SPECS = (
@@ -36,15 +36,12 @@ SPECS = (
     "torch-c-dlpack-ext==0.1.5",
 )  # fmt: skip  (einops, cuda-bindings, protobuf, typing-extensions: on the device image)
 BIG = f"nvidia-cutlass-dsl-libs-cu13=={CUTLASS}"
-DEVICE = ("--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
-          "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64", "--platform", "any")  # fmt: skip
 PART1_BYTES = 45_000_000
 
 
 def _download(spec: str, dest: Path) -> Path:
     before = set(dest.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--pre", *DEVICE, "-d",
-                    str(dest), spec], check=True)  # fmt: skip
+    _pip("download", "-q", "--no-deps", "--pre", "--only-binary=:all:", *DEVICE_TARGET, "-d", str(dest), spec)
     new = set(dest.glob("*.whl")) - before
     return new.pop() if new else next(dest.glob(spec.split("==")[0].replace("-", "_") + "-*.whl"))
 

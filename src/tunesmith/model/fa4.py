@@ -16,6 +16,7 @@ FA4 registration calls; their first return values are read by position, as their
 between releases.
 """
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -57,7 +58,8 @@ def version() -> str:
         return "unknown version"
 
 
-def _interface() -> Any:
+@functools.cache
+def _interface() -> Any:  # looked up once: every attention call of a step goes through it
     return importlib.import_module(MODULE)
 
 
