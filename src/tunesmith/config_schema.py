@@ -207,6 +207,12 @@ class TrainingArgs:
         "varlen attention, fused loss, no gradient checkpointing, no quantization, no fp16), logged; true: "
         "required (full fine-tuning too); false: off.",
     )
+    deferred_logging: bool = opt(
+        True,
+        "On a GPU, read each log event's loss, grad norm and token count a step later, so logging (even every "
+        "step) never stalls the GPU; records keep their step and the time their step ended. false: read at "
+        "the logged step, as transformers does.",
+    )
     # Launch settings (tunesmith train relaunches itself under torchrun); unset means the environment
     # variable of the same name in capitals, then the default.
     nnodes: int | None = opt(None, "Nodes of a multi-node run ($NNODES; default 1).", ge=1)

@@ -15,6 +15,7 @@ Each piece lives in its own module: ``train_log`` (progress line, trainer_log.js
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
@@ -23,6 +24,9 @@ from tunesmith.plotting import PlotLossCallback, plot_losses
 from tunesmith.progress import TokenProgressCallback
 from tunesmith.train_log import TrainLogCallback, count_trained_tokens
 from tunesmith.watchdog import LossWatchdog
+
+if TYPE_CHECKING:
+    from tunesmith.training.late_logs import LateReads
 
 __all__ = [
     "LossWatchdog",
@@ -50,6 +54,10 @@ class TrainCallbacks:
     def add_tokens(self, n: int | torch.Tensor) -> None:
         """Count one micro-batch's trained tokens (read at the next log event, then shown by the bar)."""
         self.log.add_tokens(n)
+
+    def late_reads(self) -> list[LateReads]:
+        """What a log event reads from the device, for `training.late_logs` (in this order)."""
+        return [self.log, self.watchdog]
 
     def as_list(self) -> list[TrainerCallback]:
         """For ``Trainer(callbacks=...)``."""

@@ -2,7 +2,8 @@
 
 Token counting: the trainer calls ``TrainLogCallback.add_tokens(count_trained_tokens(batch["labels"]))``
 once per micro-batch on every rank, with that rank's count as a device tensor: it is summed on the device
-and read once per log event (where the Trainer syncs anyway), never per micro-batch. "Trained tokens"
+and read once per log event, never per micro-batch; on a GPU a step later (`training.late_logs`), so the read
+waits for nothing. "Trained tokens"
 are the tokens that carry a loss term (label != -100 after the causal shift): padding and masked prompt
 tokens are not counted. This differs from HF's ``include_num_input_tokens_seen`` ("all" counts padding;
 "non_padding" counts the attention mask, so prompt tokens too). Ranks' counts are summed (all_reduce) at
@@ -104,6 +105,8 @@ class TrainLogCallback(TrainerCallback):
         self._start_step = 0
         self._tokens_before = 0  # estimated trained tokens of earlier sessions when resuming
         self._device = torch.device("cpu")
+        # a late log event's counts (this rank's, all ranks') and the time its step ended (`late_logs`)
+        self._taken: tuple[int, int, float] | None = None
 
     def add_tokens(self, n: int | torch.Tensor) -> None:
         """Count ``n`` trained tokens of one micro-batch on this rank (a device tensor is not read here)."""
@@ -124,25 +127,42 @@ class TrainLogCallback(TrainerCallback):
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ):
-        self._sync_tokens()
+        at = self._sync_tokens()
         if not state.is_world_process_zero or not logs:
             return
-        record = self.record(state, logs, time.monotonic() - self._start)
+        record = self.record(state, logs, at - self._start)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
         logger.info(format_progress(record))
 
-    def _sync_tokens(self) -> None:
-        """Add every rank's pending count to ``tokens_seen`` (a collective: on_log runs on all ranks)."""
+    def stage_reads(self) -> list[torch.Tensor]:
+        """This rank's and every rank's count since the last log event, on the device, not read (a
+        collective: log events run on all ranks); counting starts again from zero."""
         local = torch.as_tensor(self._pending).to(self._device, torch.int64)
         summed = local.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(summed)
-        mine, everyone = torch.stack([local, summed]).tolist()  # the one read of the counts
-        self.tokens_seen += everyone
         self._pending = 0
+        return [local, summed]
+
+    def take_reads(self, values: list[float], at: float) -> None:
+        """The staged counts of a late log event (`late_logs`), for its on_log; ``at``: when its step ended."""
+        mine, everyone = values
+        self._taken = (int(mine), int(everyone), at)
+
+    def _sync_tokens(self) -> float:
+        """Add every rank's count to ``tokens_seen``: a late event's staged counts, else read now (the one
+        read of the counts). Returns the event's time (``time.monotonic()``)."""
+        if self._taken is not None:
+            mine, everyone, at = self._taken
+            self._taken = None
+        else:
+            mine, everyone = torch.stack(self.stage_reads()).tolist()
+            at = time.monotonic()
+        self.tokens_seen += everyone
         if self.progress is not None:
             self.progress.add_tokens(mine)
+        return at
 
     def record(self, state: TrainerState, logs: Mapping[str, Any], elapsed: float) -> dict[str, Any]:
         """The JSON record of one log event: fixed fields first, then every other logged key."""

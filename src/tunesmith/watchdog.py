@@ -8,8 +8,8 @@ A callback never sees the batch, so the trainer calls ``check`` from its ``train
         return loss
 
 ``check`` only queues the loss tensor and the batch: nothing is read from the device then. The queue is
-read at once (one sync) at each log event, where the Trainer syncs anyway, at the end of training, and
-after ``max_pending`` micro-batches (which bounds the batches held). The first bad micro-batch of the queue
+read at each log event (on a GPU a step later, with the event's other values: `training.late_logs`), at the
+end of training, and after ``max_pending`` micro-batches (which bounds the batches held; one sync). The first bad micro-batch of the queue
 is reported with its own step and batch; training has then gone on to the step of the check, which the
 message says. As a callback it also watches the logged loss, for trainers that do not call ``check``;
 that diagnosis has no batch to save.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class LossWatchdog(TrainerCallback):
         self.rank, self.world_size = 0, 1
         self._zero_steps: set[int] = set()  # consecutive steps whose every checked loss was exactly 0.0
         self._zero_logs = 0
+        # the queues staged by late log events not read yet, oldest first
+        self._staged: deque[list[tuple[int, torch.Tensor, Mapping[str, Any]]]] = deque()
+        self._latest = 0  # the latest step checked: where training is when a late event is read
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.output_dir = Path(args.output_dir)
@@ -116,18 +120,35 @@ class LossWatchdog(TrainerCallback):
         """Queue one micro-batch's loss (no device sync); a bad loss raises TunesmithError when read."""
         value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(loss)
         self._pending.append((step, value, batch))
+        self._latest = max(self._latest, step)
         if len(self._pending) >= self.max_pending:
             self.inspect(step)
 
     def inspect(self, current_step: int) -> None:
-        """Read the queued losses (one device sync); on a bad one save its batch, raise TunesmithError."""
-        if not self._pending:
+        """Read the queued losses of steps up to ``current_step`` (one device sync); on a bad one save its
+        batch and raise TunesmithError. Later steps' losses stay queued (a late log event is read while the
+        next step's loss is queued: reading it would wait for that step)."""
+        due = [entry for entry in self._pending if entry[0] <= current_step]
+        if not due:
             return
-        pending, self._pending = self._pending, []
-        device = pending[0][1].device
-        values = torch.stack([v.to(device) for _, v, _ in pending]).tolist()
-        for (step, _, batch), value in zip(pending, values):
+        self._pending = [entry for entry in self._pending if entry[0] > current_step]
+        device = due[0][1].device
+        values = torch.stack([v.to(device) for _, v, _ in due]).tolist()
+        for (step, _, batch), value in zip(due, values):
             self._judge(step, value, batch, current_step)
+
+    def stage_reads(self) -> list[torch.Tensor]:
+        """The queued losses, for a late log event to read (`training.late_logs`); the queue starts empty."""
+        staged, self._pending = self._pending, []
+        self._staged.append(staged)
+        return [v for _, v, _ in staged]
+
+    def take_reads(self, values: list[float], at: float) -> None:
+        """Judge the oldest staged losses; a bad one stops the run, which has gone on to the latest checked
+        step."""
+        staged = self._staged.popleft()
+        for (step, _, batch), value in zip(staged, values):
+            self._judge(step, value, batch, self._latest)
 
     def _judge(self, step: int, value: float, batch: Mapping[str, Any], current_step: int) -> None:
         if not math.isfinite(value):

@@ -423,6 +423,7 @@ def _train(
         loss_compile_backend=compile_backend(cfg.training.hf),
         fused_loss=not args.use_liger_kernel,  # Liger fuses the loss its own way, from the model's labels
         cuda_graphs=cuda_graphs,
+        deferred_logging=cfg.training.deferred_logging,
     )
     obstacles = graph_obstacles(trainer, tuned.model)
     if not obstacles:

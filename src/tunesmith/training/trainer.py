@@ -10,7 +10,8 @@ supervised tokens of the window, whatever the micro-batch / accumulation split
 The loss is computed by default without materialising the logits (`training.fused_ce`); the plain path
 (the model's own loss, or `weighted_causal_lm_loss` on its logits) stays for what the fused one cannot do,
 and the reason is logged once. Token counts and the watchdog's loss checks stay on the device until a
-logging step, so tunesmith's bookkeeping does not sync per micro-batch; the fused loss takes its
+logging step, so tunesmith's bookkeeping does not sync per micro-batch, and on a GPU a log event is read a
+step later (`late_logs`), so logging every step does not stall the GPU either; the fused loss takes its
 supervised rows (a data-dependent shape) from the collator (`loss_rows`, found on the CPU), and batches are
 copied to the GPU without blocking (`causal_lm.data_loading`), so tunesmith adds no host sync to a step outside
 logging. Transformers' mask creation still reads one value back per forward: with position ids and no padding
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import nested_gather
 
 from tunesmith.data.collate import (
     IGNORE_INDEX,
@@ -44,6 +48,8 @@ from tunesmith.model.tuning import build_optimizer_param_groups
 from tunesmith.train_callbacks import TrainCallbacks
 from tunesmith.train_log import count_trained_tokens
 from tunesmith.training.fused_head import FusedHead, probe_fused_head
+from tunesmith.training.late_logs import Delivered, LateLogs
+from tunesmith.training.late_logs import supported as late_logs_supported
 from tunesmith.training.listed_zero_grad import listed_zero_grad
 from tunesmith.training.lora_casting import inputs_uncast, layers_to_uncast
 from tunesmith.training.step_graphs import CudaCapturer, StepGraphs
@@ -64,6 +70,7 @@ class TunesmithTrainer(Trainer):
         stochastic_rounding: bool = False,
         loss_compile_backend: str | None = None,
         cuda_graphs: bool | None = False,
+        deferred_logging: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, callbacks=callbacks_bundle.as_list(), **kwargs)
@@ -83,13 +90,54 @@ class TunesmithTrainer(Trainer):
         # the training batches' collator when it differs from data_collator's (static shapes for CUDA graphs)
         self.train_collator: Any = None
         self._captured_ahead = False  # the likely batch widths' graphs, captured at the first replayed step
+        # log events read a step late on a GPU (`late_logs`); not for trainers whose log() adds metrics kept
+        # since the last record (they would take the next step's)
+        self.deferred_logging = deferred_logging and type(self).log is TunesmithTrainer.log
+        self._late: LateLogs | None = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """HF's training, with the model's zero_grad over its parameters listed once (`listed_zero_grad`);
         not under FSDP or DeepSpeed, which replace the parameters when they wrap the model."""
         engine = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self._late = None
+        if self.deferred_logging and late_logs_supported(self.args.device):
+            self._late = LateLogs(self.bundle.late_reads(), self.args.device)
         with listed_zero_grad(None if engine else self.model):
-            return super().train(*args, **kwargs)
+            result = super().train(*args, **kwargs)
+        if self._late is not None and self._late.pending:  # a run that ended without HF's stop signal
+            for d in self._late.deliver(keep_latest=False):
+                with _state_as_of(self.state, d):
+                    self.log(d.logs)
+        return result
+
+    def _maybe_log_save_evaluate(
+        self, tr_loss: torch.Tensor, grad_norm: Any, model: Any, trial: Any, epoch: float,
+        ignore_keys_for_eval: Any, start_time: float, learning_rate: float | None = None,
+    ) -> None:  # fmt: skip
+        """HF's, with a log event staged and written at the next call (`late_logs`) on a GPU; a call that
+        evaluates, saves or ends training first writes every staged one, so records keep their order."""
+        late, state, control = self._late, self.state, self.control
+        if late is not None and control.should_log and state.global_step > self._globalstep_last_logged:
+            late.stage(
+                step=state.global_step,
+                epoch=state.epoch,
+                input_tokens=state.num_input_tokens_seen,
+                steps=state.global_step - self._globalstep_last_logged,
+                learning_rate=self._get_learning_rate() if learning_rate is None else learning_rate,
+                loss_sum=nested_gather(tr_loss, self.args.parallel_mode).mean(),  # a new tensor
+                grad_norm=grad_norm,
+            )
+            tr_loss -= tr_loss
+            self._globalstep_last_logged = state.global_step  # HF's own logging below skips this step
+        if late is not None and late.pending:
+            final = control.should_evaluate or control.should_save or control.should_training_stop
+            for d in late.deliver(keep_latest=not final and state.global_step < state.max_steps):
+                self._total_loss_scalar += d.loss_sum
+                with _state_as_of(state, d):
+                    self.log(d.logs, start_time)
+        super()._maybe_log_save_evaluate(
+            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
+        )
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -343,6 +391,17 @@ class TunesmithTrainer(Trainer):
                         "pure_bf16 false (fp32 weights)", optim)  # fmt: skip
             return False
         return True
+
+
+@contextmanager
+def _state_as_of(state: Any, event: Delivered) -> Iterator[None]:
+    """The trainer state at a late log event's step, for HF's log() and the callbacks' on_log."""
+    now = state.global_step, state.epoch, state.num_input_tokens_seen
+    state.global_step, state.epoch, state.num_input_tokens_seen = event.step, event.epoch, event.input_tokens
+    try:
+        yield
+    finally:
+        state.global_step, state.epoch, state.num_input_tokens_seen = now
 
 
 def graph_obstacles(trainer: TunesmithTrainer, model: Any) -> list[str]:
