@@ -14,7 +14,7 @@ GPU has the next step queued meanwhile. A step that evaluates, saves or ends tra
 records keep their order with evaluation, checkpoints and the final metrics.
 
 A delivered record keeps its own step, epoch and time. The time is when the GPU finished the staged step:
-CUDA event timing against an anchor event whose wall time is read once, at the first staging. Elapsed
+CUDA event timing against an anchor event whose wall time is read once, before training. Elapsed
 times and tokens/s are therefore those a synchronous read would have logged. On the CPU the same path runs
 (work is done when it is queued, so a staged event is as good as read): one code path for every run.
 """
@@ -71,14 +71,12 @@ class _CudaMarks:
     """A CUDA stream's marks: timed events, dated against an anchor whose wall time is read once."""
 
     def __init__(self) -> None:
-        self._anchor: tuple[torch.cuda.Event, float] | None = None
+        anchor = torch.cuda.Event(enable_timing=True)
+        anchor.record()
+        anchor.synchronize()  # once, before training: the anchor dates every later event
+        self._anchor = (anchor, time.monotonic())
 
     def mark(self) -> torch.cuda.Event:
-        if self._anchor is None:
-            anchor = torch.cuda.Event(enable_timing=True)
-            anchor.record()
-            anchor.synchronize()  # the run's one wait for this: it dates every later event
-            self._anchor = (anchor, time.monotonic())
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
@@ -87,7 +85,7 @@ class _CudaMarks:
         mark.synchronize()
 
     def time_of(self, mark: torch.cuda.Event) -> float:
-        anchor, wall = self._anchor  # type: ignore[misc]  # set by the first mark
+        anchor, wall = self._anchor
         return wall + anchor.elapsed_time(mark) / 1000
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
