@@ -45,7 +45,7 @@ CHUNK_LOGITS_TRAINED = 2**28  # a trained head's chunk: 1.5 GiB, beside its [V x
 
 
 def default_chunk_rows(vocab_size: int, trained: bool = False) -> int:
-    """Rows per chunk: about ``CHUNK_LOGITS`` logits a chunk (4x that for a trained head), 256 to 4096 rows.
+    """Rows per chunk: about ``CHUNK_LOGITS`` logits a chunk (8x that for a trained head), 256 to 4096 rows.
 
     The chunk is the loss's whole transient memory, so it decides QLoRA's peak at short contexts: on
     Llama-3.1-8B at 2048 tokens, 2**27 logits a chunk (1046 rows, 768 MiB) put the peak at 7.57 GiB
