@@ -57,7 +57,7 @@ def default_chunk_rows(vocab_size: int, trained: bool = False) -> int:
     2,088 (Qwen2.5-0.5B's: 68, 46, 43 ms at 220, 880, 1,760 rows; the plain full-logits path 45 and 37 ms;
     bench/results/fused_ce_gpu_check-2026-11-28T1057Z-*-h200.json). Full fine-tuning holds that gradient
     (1 GiB for Llama-3.2-1B) and the model's fp32 weights and optimizer states anyway, so its chunk is 2**28
-    logits (2,093 rows, 1.5 GiB for Llama-3.2-1B's head): the 4 ms it saves there is about 2% of a full step.
+    logits (2,092 rows, 1.5 GiB for Llama-3.2-1B's head): the 4 ms it saves there is about 2% of a full step.
     """
     budget = CHUNK_LOGITS_TRAINED if trained else CHUNK_LOGITS
     return max(256, min(4096, budget // max(vocab_size, 1)))
