@@ -168,6 +168,24 @@ def test_watchdog_under_late_reads_names_the_bad_step(tiny_model_dir, sft_data, 
     assert (tmp_path / "watchdog_batch_step3.pt").exists()
 
 
+def test_an_interrupted_run_still_writes_its_staged_record(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """Ctrl-C during step 4: step 3's record, staged but not yet read, is written before the run stops."""
+    import tunesmith.training.trainer as trainer_module
+    from tests.training.helpers import logged_losses, train
+
+    class InterruptedAtStep4(trainer_module.TunesmithTrainer):
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step == 3:
+                assert self._late is not None and self._late.pending == 1  # step 3's, not read yet
+                raise KeyboardInterrupt
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "TunesmithTrainer", InterruptedAtStep4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, sft_data, tmp_path, max_steps=8)
+    assert [step for step, _ in logged_losses(tmp_path)] == [1, 2, 3]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_late_logs_on_a_gpu_read_after_the_work_and_date_it():
     """On a GPU nothing is read at staging; the delivered time is when the staged work ended (after the

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -102,20 +102,31 @@ class TunesmithTrainer(Trainer):
         self._late = None
         if self.deferred_logging and late_logs_supported(self.args.device):
             self._late = LateLogs(self.bundle.late_reads(), self.args.device)
-        with listed_zero_grad(None if engine else self.model):
-            result = super().train(*args, **kwargs)
-        if self._late is not None and self._late.pending:  # a run that ended without HF's stop signal
-            for d in self._late.deliver(keep_latest=False):
-                with _state_as_of(self.state, d):
-                    self.log(d.logs)
+        try:
+            with listed_zero_grad(None if engine else self.model):
+                result = super().train(*args, **kwargs)
+        except BaseException:  # an interrupted or failed run still writes the records it staged
+            with suppress(Exception):  # not over the error that stopped the run
+                self._write_late_logs()
+            raise
+        self._write_late_logs()  # a run that ended without HF's stop signal
         return result
+
+    def _write_late_logs(self, keep_latest: bool = False, start_time: float | None = None) -> None:
+        """The staged log events (all, or all but the newest), read and logged at their own step (`late_logs`)."""
+        if self._late is None:
+            return
+        for d in self._late.deliver(keep_latest):
+            self._total_loss_scalar += d.loss_sum
+            with _state_as_of(self.state, d):
+                self.log(d.logs, start_time)
 
     def _maybe_log_save_evaluate(
         self, tr_loss: torch.Tensor, grad_norm: Any, model: Any, trial: Any, epoch: float,
         ignore_keys_for_eval: Any, start_time: float, learning_rate: float | None = None,
     ) -> None:  # fmt: skip
-        """HF's, with a log event staged and written at the next call (`late_logs`) on a GPU; a call that
-        evaluates, saves or ends training first writes every staged one, so records keep their order."""
+        """HF's, with a log event staged and written at the next call (`late_logs`); a call that evaluates,
+        saves or ends training first writes every staged one, so records keep their order."""
         late, state, control = self._late, self.state, self.control
         if late is not None and control.should_log and state.global_step > self._globalstep_last_logged:
             late.stage(
@@ -131,10 +142,9 @@ class TunesmithTrainer(Trainer):
             self._globalstep_last_logged = state.global_step  # HF's own logging below skips this step
         if late is not None and late.pending:
             final = control.should_evaluate or control.should_save or control.should_training_stop
-            for d in late.deliver(keep_latest=not final and state.global_step < state.max_steps):
-                self._total_loss_scalar += d.loss_sum
-                with _state_as_of(state, d):
-                    self.log(d.logs, start_time)
+            self._write_late_logs(
+                keep_latest=not final and state.global_step < state.max_steps, start_time=start_time
+            )
         super()._maybe_log_save_evaluate(
             tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
         )
