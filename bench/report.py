@@ -189,16 +189,36 @@ def train_throughput_cells(d: dict) -> list[tuple[str, str]]:
             other = runs.get(f"{arch}/{method}/{base}") or {}
             if side != name or not run.get("steady") or not other.get("steady"):
                 continue
-            a, b = other["steady"]["tokens_per_s"], run["steady"]["tokens_per_s"]
+            (a, b), window = _common_window(other, run)
             flags = {s: ", ".join(f"{k}={v}" for k, v in sets.get(s, {}).items()) for s in (base, name)}
             label = {s: f"{s} ({flags[s]})" if flags[s] else s for s in (base, name)}
             cells.append(
                 (
                     f"{arch}:{method}:ab:{label[base]}:{label[name]}",
-                    f"{arch} {method} {label[base]} vs {label[name]}: {a:,.0f} vs {b:,.0f} tok/s, {_x(a / b)}",
+                    f"{arch} {method} {label[base]} vs {label[name]}: {a:,.0f} vs {b:,.0f} tok/s{window}, "
+                    f"{_x(a / b)}",
                 )
             )
     return cells
+
+
+def _common_window(x: dict, y: dict) -> tuple[tuple[float, float], str]:
+    """Both runs' tokens/s over the steps both measured. An A/B's sides train the same batches, so when one
+    stopped early (a time limit) the other's tokens/s is retaken over the shorter window from its per-step
+    times; otherwise the steady numbers as they are."""
+    sx, sy = x["steady"], y["steady"]
+    rates = (sx["tokens_per_s"], sy["tokens_per_s"])
+    if (sx.get("from_step"), sx.get("to_step")) == (sy.get("from_step"), sy.get("to_step")):
+        return rates, ""
+    x_short = sx["to_step"] < sy["to_step"]
+    short, long_run = (sx, y) if x_short else (sy, x)
+    elapsed = long_run.get("elapsed_s") or []
+    start, stop = short["from_step"], short["to_step"]
+    if start != long_run["steady"].get("from_step") or len(elapsed) < stop:
+        return rates, ""
+    retaken = short["tokens"] / (elapsed[stop - 1] - elapsed[start - 1])
+    both = (sx["tokens_per_s"], retaken) if x_short else (retaken, sy["tokens_per_s"])
+    return both, f" (steps {start}–{stop}, where both ran)"
 
 
 def train_throughput(d: dict) -> str | None:

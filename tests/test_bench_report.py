@@ -61,6 +61,24 @@ def test_ab_sides_of_the_training_bench_are_shown_as_ratios():
     assert report.train_throughput(d | {"settings": {}}) is None  # no goal measured, no A/B: no row
 
 
+def test_an_ab_side_that_stopped_early_is_compared_over_the_steps_both_ran():
+    """ts-sync hit the time limit at step 4: ts-best's rate is retaken over steps 2-4 from its step times."""
+    best = {
+        "steady": {"tokens_per_s": 100.0, "from_step": 2, "to_step": 6, "tokens": 400},
+        "elapsed_s": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0],
+    }
+    sync = {
+        "steady": {"tokens_per_s": 90.0, "from_step": 2, "to_step": 4, "tokens": 180},
+        "elapsed_s": [0.5, 1.0, 2.0, 3.0],
+    }
+    d = {
+        "settings": {"extra_sides": {"ts-sync": "ts-best"}},
+        "runs": {"qwen/lora/ts-best": best, "qwen/lora/ts-sync": sync},
+    }
+    line = report.train_throughput(d)  # fmt: skip
+    assert line == "qwen lora ts-best vs ts-sync: 90 vs 90 tok/s (steps 2–4, where both ran), 1.00×"
+
+
 def test_training_goals_are_recomputed_from_the_raw_runs():
     """A result file is judged by today's goal definitions (its stored goals may predate them)."""
     runs = {"qwen/lora/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0, "losses": [1.0]},
