@@ -7,6 +7,7 @@ and PYTHONPATH, where tunesmith is not importable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import statistics
@@ -305,6 +306,31 @@ def parse_extra_sides(items: list[str]) -> dict[str, str]:
             )
         out[name] = base
     return out
+
+
+def parse_side_src(items: list[str], extra: dict[str, str]) -> dict[str, str]:
+    """--side-src NAME=DIR: the tunesmith side NAME (an --extra-side) runs the package under DIR, another
+    source tree (a checkout of another commit), so code changes without a config key are A/B'd in one run."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, folder = item.partition("=")
+        if not eq or name not in extra or not name.startswith("ts-"):
+            raise ValueError(f"--side-src {item!r}: expected NAME=DIR with NAME a tunesmith --extra-side")
+        if not (Path(folder) / "tunesmith" / "__init__.py").is_file():
+            raise ValueError(
+                f"--side-src {item!r}: {folder} has no tunesmith/__init__.py (give a src folder)"
+            )
+        out[name] = str(Path(folder).resolve())
+    return out
+
+
+def src_digest(folder: Path) -> str:
+    """12 hex digits identifying the tunesmith source under ``folder`` (its .py and data files)."""
+    h = hashlib.sha256()
+    root = folder / "tunesmith"
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def base_side(side: str, extra: dict[str, str]) -> str:

@@ -183,6 +183,7 @@ def train_throughput_cells(d: dict) -> list[tuple[str, str]]:
         if g.get("value") is not None
     ]
     runs, sets = d.get("runs", {}), d.get("settings", {}).get("sets") or {}
+    srcs = d.get("settings", {}).get("side_src") or {}
     for name, base in (d.get("settings", {}).get("extra_sides") or {}).items():
         for key, run in runs.items():  # an A/B in the same run: the named side against its variant
             arch, method, side = key.split("/")
@@ -190,7 +191,14 @@ def train_throughput_cells(d: dict) -> list[tuple[str, str]]:
             if side != name or not run.get("steady") or not other.get("steady"):
                 continue
             (a, b), window = _common_window(other, run)
-            flags = {s: ", ".join(f"{k}={v}" for k, v in sets.get(s, {}).items()) for s in (base, name)}
+            side_run = {base: other, name: run}
+            flags = {
+                s: ", ".join(
+                    [f"{k}={v}" for k, v in sets.get(s, {}).items()]
+                    + ([f"src {side_run[s].get('src', {}).get('digest', '?')}"] if name in srcs else [])
+                )
+                for s in (base, name)
+            }
             label = {s: f"{s} ({flags[s]})" if flags[s] else s for s in (base, name)}
             cells.append(
                 (

@@ -74,7 +74,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_bench_common as tb  # noqa: E402
 from _common import ALPACA_DEMO, QWEN_TOKENIZER, SHARED  # noqa: E402
-from multi_gpu import child_env, run_cli  # noqa: E402
+from multi_gpu import REPO, child_env, run_cli  # noqa: E402
 from predict_throughput import _env as lf_env  # noqa: E402
 from train_gpu_smoke import build_model, device, versions  # noqa: E402
 
@@ -172,6 +172,15 @@ def _records(path: Path, keys: tuple[str, ...]) -> list[dict]:
     return [{k: r.get(k) for k in keys} for r in rows if r.get("loss") is not None]
 
 
+def ts_env(a: argparse.Namespace, side: str) -> dict[str, str]:
+    """A tunesmith side's environment: this checkout's src first on PYTHONPATH, or the side's own source tree
+    (--side-src) before it."""
+    env = child_env(a, 1, "ddp")
+    if side in a.side_src:
+        env["PYTHONPATH"] = os.pathsep.join([a.side_src[side], env["PYTHONPATH"]])
+    return env
+
+
 def run_side(
     a: argparse.Namespace, plan: tb.Plan, model: Path, arch: str, method: str, side: str, timeout: float
 ) -> dict:
@@ -189,7 +198,7 @@ def run_side(
         path = a.work / f"{name}.yaml"
         path.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
         cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(path)]
-        rc, output, wall = run_cli(cmd, child_env(a, 1, "ddp"), timeout)
+        rc, output, wall = run_cli(cmd, ts_env(a, side), timeout)
         records = _records(out / "trainer_log.jsonl", keys)
         info = ts_model_info(output)
     else:
@@ -236,6 +245,9 @@ def run_side(
         "first_step_s": next((r["elapsed_s"] for r in records if r["step"] == 1), None),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0 for r in records), default=None),
     }
+    if side.startswith("ts-"):  # the source tree it ran, identified by content
+        src = Path(a.side_src.get(side, REPO / "src"))
+        result["src"] = {"dir": str(src), "digest": tb.src_digest(src)}
     if side.startswith("ts-"):  # what the trainer decided about CUDA graphs (training.step_graphs)
         watched = ("cuda graphs", "AccumulateGrad", "capturing")
         result["cuda_graphs_log"] = [
@@ -289,6 +301,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=BASE",
         help="one more run per arch/method: BASE's config plus --set NAME:... (an A/B in the same run)",
     )
+    p.add_argument(
+        "--side-src",
+        dest="side_src",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="the tunesmith --extra-side NAME runs the package in DIR (the src folder of another commit): "
+        "an A/B of code, not of a config key",
+    )
     p.add_argument("--run-timeout", type=float, default=300, help="seconds per run (SIGINT, then kill)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting runs past this many seconds")
     p.add_argument("--lf-pythonpath", default="", help="folder of LLaMA-Factory and its pins (lf_device_env)")
@@ -325,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         a.extra = tb.parse_extra_sides(a.extra)
         a.sets = tb.parse_sets(a.sets, a.extra)
+        a.side_src = tb.parse_side_src(a.side_src, a.extra)
     except ValueError as e:
         p.error(str(e))
     unknown = [s for s in a.sides if s not in tb.SIDES and s not in a.extra]
@@ -362,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "warm": a.warm,
             "sets": a.sets,
             "extra_sides": a.extra,
+            "side_src": a.side_src,
             "lf_pythonpath": a.lf_pythonpath,
         },
         "data": tb.write_bench_data(

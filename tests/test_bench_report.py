@@ -79,6 +79,19 @@ def test_an_ab_side_that_stopped_early_is_compared_over_the_steps_both_ran():
     assert line == "qwen lora ts-best vs ts-sync: 90 vs 90 tok/s (steps 2–4, where both ran), 1.00×"
 
 
+def test_an_ab_of_two_source_trees_names_both_trees():
+    runs = {
+        "qwen/lora/ts-best": {"steady": {"tokens_per_s": 110.0}, "src": {"digest": "aaaa"}},
+        "qwen/lora/ts-base": {"steady": {"tokens_per_s": 100.0}, "src": {"digest": "bbbb"}},
+    }
+    d = {
+        "settings": {"extra_sides": {"ts-base": "ts-best"}, "side_src": {"ts-base": "/tmp/base/src"}},
+        "runs": runs,
+    }
+    line = report.train_throughput(d)  # fmt: skip
+    assert line == "qwen lora ts-best (src aaaa) vs ts-base (src bbbb): 110 vs 100 tok/s, 1.10×"
+
+
 def test_training_goals_are_recomputed_from_the_raw_runs():
     """A result file is judged by today's goal definitions (its stored goals may predate them)."""
     runs = {"qwen/lora/ts-best": {"steady": {"tokens_per_s": 90.0}, "peak_mem_gib": 9.0, "losses": [1.0]},

@@ -125,6 +125,42 @@ def _records(n: int, tokens: int = 100, seconds: float = 0.5) -> list[dict]:
     ]
 
 
+def test_side_src_names_an_extra_tunesmith_side_and_a_src_folder(tmp_path: Path) -> None:
+    extra = tb.parse_extra_sides(["ts-base=ts-best"])
+    (tmp_path / "tunesmith").mkdir()
+    (tmp_path / "tunesmith" / "__init__.py").write_text("")
+    assert tb.parse_side_src([f"ts-base={tmp_path}"], extra) == {"ts-base": str(tmp_path.resolve())}
+    for bad in (f"ts-best={tmp_path}", f"ts-other={tmp_path}", f"ts-base={tmp_path / 'nope'}", "ts-base"):
+        with pytest.raises(ValueError, match="--side-src"):
+            tb.parse_side_src([bad], extra)
+    digest = tb.src_digest(tmp_path)
+    (tmp_path / "tunesmith" / "x.py").write_text("y = 1\n")
+    assert len(digest) == 12 and tb.src_digest(tmp_path) != digest
+
+
+def test_a_side_src_side_runs_the_other_tree(tmp_path: Path) -> None:
+    """The extra side's child imports tunesmith from its --side-src folder: here a tree whose CLI writes a
+    marker and exits 3, and the run records that exit and the tree's digest."""
+    if not ALPACA.exists():
+        pytest.skip("needs ../shared (alpaca_en_demo.json)")
+    import train_throughput
+
+    other = tmp_path / "other-src"
+    (other / "tunesmith").mkdir(parents=True)
+    (other / "tunesmith" / "__init__.py").write_text("")
+    marker = tmp_path / "ran-the-other-tree"
+    (other / "tunesmith" / "cli.py").write_text(
+        f"import pathlib, sys\npathlib.Path({str(marker)!r}).touch()\nsys.exit(3)\n"
+    )
+    out = tmp_path / "r.json"
+    args = ["--cpu-smoke", "--sides", "ts-base", "--extra-side", "ts-base=ts-best", "--side-src",
+            f"ts-base={other}", "--work", str(tmp_path / "w"), "--out", str(out)]  # fmt: skip
+    train_throughput.main(args)
+    run = json.loads(out.read_text())["runs"]["qwen/lora/ts-base"]
+    assert marker.exists() and run["exit_code"] == 3
+    assert run["src"] == {"dir": str(other.resolve()), "digest": tb.src_digest(other)}
+
+
 def test_steady_counts_from_the_warm_step() -> None:
     got = tb.steady(_records(60), warm=10)
     assert got == {"from_step": 10, "to_step": 60, "tokens": 5000, "seconds": 25.0,
