@@ -126,6 +126,28 @@ def test_late_records_equal_read_at_once_with_eval_and_saves_in_order(
     assert [r["step"] for r in saved["log_history"] if "loss" in r] == [1, 2, 3, 4, 5]  # saved after step 5's
 
 
+def test_with_logging_steps_above_one_a_record_is_written_one_step_later(
+    tiny_model_dir, sft_data, tmp_path, monkeypatch
+):
+    """logging_steps: 3: step 3's record reaches on_log when step 4 has ended, not at step 6's log event (a
+    slow run's console would otherwise lag a whole logging interval)."""
+    import tunesmith.training.trainer as trainer_module
+    from tests.training.helpers import train
+
+    spy = _Spy()
+
+    class Spied(trainer_module.TunesmithTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(spy)
+
+    monkeypatch.setattr(trainer_module, "TunesmithTrainer", Spied)
+    train(tiny_model_dir, sft_data, tmp_path, max_steps=8, logging_steps=3)
+    # steps 1 (the first step is logged), 3 and 6; each when the next step has ended (before the fix: the
+    # next log event's, (1, 3), (3, 6), and step 6's at the end of the run)
+    assert spy.seen == [(1, 2), (3, 4), (6, 7)]
+
+
 def test_late_records_keep_the_elapsed_time_of_their_own_step(
     tiny_model_dir, sft_data, tmp_path, monkeypatch
 ):

@@ -125,10 +125,12 @@ class TunesmithTrainer(Trainer):
         self, tr_loss: torch.Tensor, grad_norm: Any, model: Any, trial: Any, epoch: float,
         ignore_keys_for_eval: Any, start_time: float, learning_rate: float | None = None,
     ) -> None:  # fmt: skip
-        """HF's, with a log event staged and written at the next call (`late_logs`); a call that evaluates,
-        saves or ends training first writes every staged one, so records keep their order."""
+        """HF's, with a log event staged here and written at the next call, one step later whatever
+        logging_steps is (`late_logs`); a call that evaluates, saves or ends training writes every staged one
+        at once, so records keep their order."""
         late, state, control = self._late, self.state, self.control
-        if late is not None and control.should_log and state.global_step > self._globalstep_last_logged:
+        staged = late is not None and control.should_log and state.global_step > self._globalstep_last_logged
+        if staged:
             late.stage(
                 step=state.global_step,
                 epoch=state.epoch,
@@ -140,11 +142,10 @@ class TunesmithTrainer(Trainer):
             )
             tr_loss -= tr_loss
             self._globalstep_last_logged = state.global_step  # HF's own logging below skips this step
-        if late is not None and late.pending:
+        if late is not None and late.pending:  # the next call writes what this one staged (steps in between)
             final = control.should_evaluate or control.should_save or control.should_training_stop
-            self._write_late_logs(
-                keep_latest=not final and state.global_step < state.max_steps, start_time=start_time
-            )
+            keep = staged and not final and state.global_step < state.max_steps
+            self._write_late_logs(keep_latest=keep, start_time=start_time)
         super()._maybe_log_save_evaluate(
             tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
         )
