@@ -245,10 +245,10 @@ def run_side(
         "first_step_s": next((r["elapsed_s"] for r in records if r["step"] == 1), None),
         "peak_mem_gib": max((r["peak_mem_gib"] or 0 for r in records), default=None),
     }
-    if side.startswith("ts-"):  # the source tree it ran, identified by content
-        src = Path(a.side_src.get(side, REPO / "src"))
+    if side.startswith("ts-"):
+        src = Path(a.side_src.get(side, REPO / "src"))  # the source tree it ran, identified by content
         result["src"] = {"dir": str(src), "digest": tb.src_digest(src)}
-    if side.startswith("ts-"):  # what the trainer decided about CUDA graphs (training.step_graphs)
+        # what the trainer decided about CUDA graphs (training.step_graphs)
         watched = ("cuda graphs", "AccumulateGrad", "capturing")
         result["cuda_graphs_log"] = [
             line[-600:] for line in output.splitlines() if any(w in line for w in watched)

@@ -141,10 +141,12 @@ def test_side_src_names_an_extra_tunesmith_side_and_a_src_folder(tmp_path: Path)
 def test_a_side_src_side_runs_the_other_tree(tmp_path: Path) -> None:
     """The extra side's child imports tunesmith from its --side-src folder: here a tree whose CLI writes a
     marker and exits 3, and the run records that exit and the tree's digest."""
-    if not ALPACA.exists():
-        pytest.skip("needs ../shared (alpaca_en_demo.json)")
     import train_throughput
 
+    data = tmp_path / "alpaca.json"  # the smoke's 64 rows, written here: no ../shared needed
+    data.write_text(
+        json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(64)])
+    )
     other = tmp_path / "other-src"
     (other / "tunesmith").mkdir(parents=True)
     (other / "tunesmith" / "__init__.py").write_text("")
@@ -153,8 +155,8 @@ def test_a_side_src_side_runs_the_other_tree(tmp_path: Path) -> None:
         f"import pathlib, sys\npathlib.Path({str(marker)!r}).touch()\nsys.exit(3)\n"
     )
     out = tmp_path / "r.json"
-    args = ["--cpu-smoke", "--sides", "ts-base", "--extra-side", "ts-base=ts-best", "--side-src",
-            f"ts-base={other}", "--work", str(tmp_path / "w"), "--out", str(out)]  # fmt: skip
+    args = ["--cpu-smoke", "--data", str(data), "--sides", "ts-base", "--extra-side", "ts-base=ts-best",
+            "--side-src", f"ts-base={other}", "--work", str(tmp_path / "w"), "--out", str(out)]  # fmt: skip
     train_throughput.main(args)
     run = json.loads(out.read_text())["runs"]["qwen/lora/ts-base"]
     assert marker.exists() and run["exit_code"] == 3

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerState, T
 
 from tunesmith.errors import TunesmithError
 from tunesmith.plotting import plot_losses, smooth
-from tunesmith.runs import finish_run_manifest, git_revision, start_run_manifest
+from tunesmith.runs import finish_run_manifest, git_revision, package_versions, start_run_manifest
 from tunesmith.train_callbacks import (
     PlotLossCallback,
     TrainCallbacks,
@@ -253,7 +253,9 @@ def test_run_manifest(tmp_path, monkeypatch):
     assert started["config"] == config and started["seed"] == 42 and started["tokenizer_hash"] == "tok456"
     assert started["data_hashes"] == {"alpaca_en_demo": "abc123"}
     assert {"torch", "transformers"} <= set(started["packages"])
-    if _installed("tunesmith"):  # run from a source tree on PYTHONPATH (the GPU machine), it has no version
+    if (
+        "tunesmith" in package_versions()
+    ):  # run from a source tree on PYTHONPATH (the GPU machine): no version
         assert "tunesmith" in started["packages"]
     hw = started["hardware"]
     assert hw["cpu"] and hw["cpu_cores_logical"] >= 1 and hw["ram_gib"] > 0 and isinstance(hw["gpus"], list)
@@ -324,13 +326,3 @@ def test_peak_memory_on_a_gpu_is_max_memory_allocated():
     x = torch.empty(3 * 2**20, device=device)
     del x
     assert peak_memory_gib(device) == torch.cuda.max_memory_allocated(device) / 2**30 > 0
-
-
-def _installed(name: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(name)
-    except PackageNotFoundError:
-        return False
-    return True

@@ -79,6 +79,23 @@ class _Spy(TrainerCallback):
             self.seen.append((state.global_step, self.ended))
 
 
+@pytest.fixture
+def spies(monkeypatch) -> list[_Spy]:
+    """Every trainer built in the test gets a `_Spy` of its own, listed here in build order."""
+    import tunesmith.training.trainer as trainer_module
+
+    made: list[_Spy] = []
+
+    class Spied(trainer_module.TunesmithTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(_Spy())
+            self.add_callback(made[-1])
+
+    monkeypatch.setattr(trainer_module, "TunesmithTrainer", Spied)
+    return made
+
+
 def _records(out: Path) -> list[dict]:
     rows = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines() if x]
     return [{k: v for k, v in r.items() if k not in _TIMES} for r in rows]
@@ -90,22 +107,12 @@ def _history(out: Path) -> list[dict]:
 
 
 def test_late_records_equal_read_at_once_with_eval_and_saves_in_order(
-    tiny_model_dir, sft_data, tmp_path, monkeypatch
+    tiny_model_dir, sft_data, tmp_path, spies
 ):
     """The run's records, log history and final metrics are those of reading at the logged step; each
     record but those of steps that evaluate, save or end the run reaches on_log one step later."""
-    import tunesmith.training.trainer as trainer_module
     from tests.training.helpers import train
 
-    spies: list[_Spy] = []
-
-    class Spied(trainer_module.TunesmithTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            spies.append(_Spy())
-            self.add_callback(spies[-1])
-
-    monkeypatch.setattr(trainer_module, "TunesmithTrainer", Spied)
     common = dict(
         max_steps=7, val_size=0.25, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=5,
         max_grad_norm=0.5,
@@ -127,24 +134,16 @@ def test_late_records_equal_read_at_once_with_eval_and_saves_in_order(
 
 
 def test_with_logging_steps_above_one_a_record_is_written_one_step_later(
-    tiny_model_dir, sft_data, tmp_path, monkeypatch
+    tiny_model_dir, sft_data, tmp_path, spies
 ):
     """logging_steps: 3: step 3's record reaches on_log when step 4 has ended, not at step 6's log event (a
     slow run's console would otherwise lag a whole logging interval)."""
-    import tunesmith.training.trainer as trainer_module
     from tests.training.helpers import train
 
-    spy = _Spy()
-
-    class Spied(trainer_module.TunesmithTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(spy)
-
-    monkeypatch.setattr(trainer_module, "TunesmithTrainer", Spied)
     train(tiny_model_dir, sft_data, tmp_path, max_steps=8, logging_steps=3)
     # steps 1 (the first step is logged), 3 and 6; each when the next step has ended (before the fix: the
     # next log event's, (1, 3), (3, 6), and step 6's at the end of the run)
+    (spy,) = spies
     assert spy.seen == [(1, 2), (3, 4), (6, 7)]
 
 

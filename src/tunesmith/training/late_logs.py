@@ -60,8 +60,7 @@ class _Staged:
     input_tokens: int
     steps: int
     learning_rate: float
-    grad_norm: float | None  # a gradient norm that was no tensor (DeepSpeed gives a float)
-    tensor_norm: bool  # whether values[1] is the gradient norm
+    has_norm: bool  # whether values[1] is the gradient norm
     sizes: list[int]  # how many values each participant staged, in order
     host: torch.Tensor  # float64 [loss_sum, (grad_norm,) participants' values...], pinned on a GPU
     done: Any  # the device's mark after the copy
@@ -99,7 +98,7 @@ class _HostMarks:
         return time.monotonic()
 
     def wait(self, mark: float) -> None:
-        pass
+        """Nothing to wait for: the CPU ran the staged work before the mark was made."""
 
     def time_of(self, mark: float) -> float:
         return mark
@@ -141,8 +140,9 @@ class LateLogs:
         grad_norm: torch.Tensor | float | None,
     ) -> None:
         """Queue one log event: its values copied to the host behind a device mark, nothing read now."""
-        tensor_norm = isinstance(grad_norm, torch.Tensor)
-        values = [loss_sum] + ([grad_norm] if tensor_norm else [])
+        if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):  # DeepSpeed gives a float
+            grad_norm = torch.tensor(float(grad_norm))
+        values = [loss_sum] + ([grad_norm] if grad_norm is not None else [])
         sizes = []
         for p in self.participants:
             staged = p.stage_reads()
@@ -151,10 +151,9 @@ class LateLogs:
         stacked = torch.stack([v.detach().reshape(()).to(self.device, torch.float64) for v in values])
         host = self._marks.buffer(stacked)
         host.copy_(stacked, non_blocking=True)
-        other_norm = None if tensor_norm or grad_norm is None else float(grad_norm)  # type: ignore[arg-type]
         self._staged.append(
             _Staged(
-                step, epoch, input_tokens, steps, learning_rate, other_norm, tensor_norm, sizes, host,
+                step, epoch, input_tokens, steps, learning_rate, grad_norm is not None, sizes, host,
                 self._marks.mark(),
             )
         )  # fmt: skip
@@ -169,10 +168,8 @@ class LateLogs:
             values = s.host.tolist()
             loss_sum, rest = values[0], values[1:]
             logs = {"loss": loss_sum / s.steps}
-            if s.tensor_norm:
+            if s.has_norm:
                 logs["grad_norm"], rest = rest[0], rest[1:]
-            elif s.grad_norm is not None:
-                logs["grad_norm"] = s.grad_norm
             logs["learning_rate"] = s.learning_rate
             for p, n in zip(self.participants, s.sizes):
                 p.take_reads(rest[:n], at)
